@@ -1,0 +1,126 @@
+//! The command line: clap structs, their translation into library options, and one
+//! function per subcommand. Only this module and `main.rs` touch stdout, stderr and
+//! exit codes.
+
+mod predict;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::error::Error;
+use crate::model::{DeviceChoice, LoadedModel, ModelFiles, ModelSource};
+
+/// Find and edit knowledge neurons in BERT masked language models.
+#[derive(Debug, Parser)]
+#[command(name = "kn", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Fill-mask predictions for cloze prompts (JSONL in, JSONL out).
+    Predict(predict::PredictArgs),
+}
+
+/// Which model to load, and where to run it.
+#[derive(Debug, Args)]
+struct ModelArgs {
+    /// Model: a local directory in Hugging Face layout, or a hub id (`bert-base-cased`,
+    /// `org/name`) fetched into the Hugging Face cache (HF_HOME, HF_ENDPOINT, HF_TOKEN,
+    /// HF_HUB_OFFLINE are honoured).
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    model: String,
+    /// Hub revision (branch, tag or commit) for a hub id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Where to run: cpu, cuda, cuda:N, or auto (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]|auto")]
+    device: DeviceChoice,
+    /// Print nothing on stderr but errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+impl ModelArgs {
+    fn load(&self) -> anyhow::Result<LoadedModel> {
+        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
+        let device = self.device.open()?;
+        let files = ModelFiles::locate(&source)?;
+        let lm = LoadedModel::load(files, candle_core::DType::F32, &device)
+            .with_context(|| format!("loading model {source}"))?;
+        if !self.quiet {
+            eprintln!(
+                "kn: model {source}: {} layers × {} neurons, vocabulary {}, on {}",
+                lm.config.num_hidden_layers,
+                lm.config.intermediate_size,
+                lm.config.vocab_size,
+                device_name(&device)
+            );
+        }
+        Ok(lm)
+    }
+}
+
+fn device_name(device: &candle_core::Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
+
+/// Prints a per-line error as ripgrep does: once, prefixed, on stderr.
+fn report(error: &Error) {
+    eprintln!("kn: {error}");
+}
+
+/// What a subcommand run ended with.
+enum Outcome {
+    /// Everything was processed.
+    Clean,
+    /// Some input lines failed (each already reported).
+    Failed(usize),
+}
+
+/// Parses the command line, runs it, prints any error once and maps it to an exit code:
+/// 0 success (also when stdout is a closed pipe), 1 errors, 2 usage errors.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Predict(args) => predict::run(args),
+    };
+    match outcome {
+        Ok(Outcome::Clean) => ExitCode::SUCCESS,
+        Ok(Outcome::Failed(n)) => {
+            eprintln!("kn: {n} input line(s) could not be processed (see above)");
+            ExitCode::from(1)
+        }
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("kn: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_well_formed() {
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,90 @@
+//! The library's error type: every variant carries the context (file, line, tensor)
+//! a user needs to fix the problem.
+
+use std::path::PathBuf;
+
+/// Result alias used throughout the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in `kn`'s library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// One line of a JSONL input is not valid.
+    #[error("{}:{line}: {reason}", path.display())]
+    Input {
+        /// The input file (`-` for stdin).
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with the line.
+        reason: String,
+    },
+
+    /// A model directory or checkpoint cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Model {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A model could not be fetched from the Hugging Face hub.
+    #[error("hub model {repo} (revision {revision}): {reason}")]
+    Hub {
+        /// The repository id.
+        repo: String,
+        /// The revision asked for.
+        revision: String,
+        /// What went wrong.
+        reason: String,
+    },
+
+    /// A prompt or answer cannot be used with this model's tokenizer.
+    #[error("{0}")]
+    Prompt(String),
+
+    /// A neuron that the model does not have.
+    #[error("{0}")]
+    Neuron(String),
+
+    /// The requested device is not available.
+    #[error("{0}")]
+    Device(String),
+
+    /// A tokenizer error.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// A tensor operation failed.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+impl Error {
+    /// An [`Error::Io`] for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An [`Error::Model`] for `path`.
+    pub fn model(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Model {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

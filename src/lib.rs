@@ -1,0 +1,18 @@
+//! `kn` finds and edits *knowledge neurons* in BERT masked language models (Dai et al.,
+//! "Knowledge Neurons in Pretrained Transformers", ACL 2022).
+//!
+//! The pipeline, module by module:
+//! - [`model`]: load a Hugging Face checkpoint (local directory or hub id; safetensors or
+//!   PyTorch weights; `tokenizer.json` or `vocab.txt`) and run BERT with access to every
+//!   FFN neuron (post-activation intermediate unit) through [`model::FfnHook`]s.
+//! - [`predict`]: fill-mask probabilities for cloze prompts.
+//! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output.
+//! - [`cli`]: the `kn` command line over all of the above.
+
+pub mod cli;
+pub mod data;
+pub mod error;
+pub mod model;
+pub mod predict;
+
+pub use error::{Error, Result};

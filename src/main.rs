@@ -1,0 +1,5 @@
+//! The `kn` binary: everything lives in the library; see `kn --help`.
+
+fn main() -> std::process::ExitCode {
+    kn::cli::main()
+}

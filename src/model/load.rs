@@ -1,0 +1,379 @@
+//! Finding a checkpoint (local directory or Hugging Face hub id) and loading its
+//! weights (`model.safetensors`, memory-mapped, or `pytorch_model.bin`).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use sha2::{Digest, Sha256};
+
+use super::bert::BertMaskedLm;
+use super::config::Config;
+use super::tokenizer::MaskTokenizer;
+use crate::error::{Error, Result};
+
+/// Where a model comes from, as the user named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// A directory in Hugging Face layout.
+    Local(PathBuf),
+    /// A hub repository, e.g. `bert-base-cased` or `org/name`, at a revision.
+    Hub {
+        /// Repository id.
+        repo: String,
+        /// Branch, tag or commit (`main` by default).
+        revision: String,
+    },
+}
+
+impl ModelSource {
+    /// Interprets `--model`: an existing directory is local; something shaped like a
+    /// hub id (`name` or `org/name`) is a hub repository; anything else is an error.
+    pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
+        let path = Path::new(spec);
+        if path.is_dir() {
+            if let Some(rev) = revision {
+                return Err(Error::model(
+                    path,
+                    format!("--revision {rev} only applies to hub models, and this is a local directory"),
+                ));
+            }
+            return Ok(Self::Local(path.to_path_buf()));
+        }
+        if path.exists() {
+            return Err(Error::model(
+                path,
+                "is a file; --model takes a model directory or a hub id",
+            ));
+        }
+        if is_hub_id(spec) {
+            return Ok(Self::Hub {
+                repo: spec.to_string(),
+                revision: revision.unwrap_or("main").to_string(),
+            });
+        }
+        Err(Error::model(
+            path,
+            "no such model directory (and not a hub id like `bert-base-cased` or `org/name`)",
+        ))
+    }
+}
+
+impl std::fmt::Display for ModelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(p) => write!(f, "{}", p.display()),
+            Self::Hub { repo, revision } => write!(f, "{repo}@{revision}"),
+        }
+    }
+}
+
+/// `name` or `org/name`, with the characters the hub allows.
+fn is_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    let part_ok = |p: &str| {
+        !p.is_empty()
+            && !p.starts_with('.')
+            && !p.starts_with('-')
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    };
+    (parts.len() == 1 || parts.len() == 2)
+        && parts.iter().all(|p| part_ok(p))
+        && !spec.contains("..")
+}
+
+/// The weights file of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WeightsFile {
+    /// `model.safetensors`
+    Safetensors(PathBuf),
+    /// `pytorch_model.bin` (a zip of pickled tensors, `torch.save`).
+    Pytorch(PathBuf),
+}
+
+impl WeightsFile {
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::Safetensors(p) | Self::Pytorch(p) => p,
+        }
+    }
+}
+
+/// The tokenizer files of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerFiles {
+    /// A `tokenizer.json` from the tokenizers library.
+    Json(PathBuf),
+    /// A WordPiece `vocab.txt`, with `tokenizer_config.json` when there is one.
+    Vocab {
+        /// `vocab.txt`
+        vocab: PathBuf,
+        /// `tokenizer_config.json`
+        config: Option<PathBuf>,
+    },
+}
+
+/// The local files that make up a checkpoint, once found or downloaded.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    /// What the user asked for.
+    pub source: ModelSource,
+    /// For hub models, the commit the files come from (when known).
+    pub commit: Option<String>,
+    /// `config.json`
+    pub config: PathBuf,
+    /// Tokenizer files.
+    pub tokenizer: TokenizerFiles,
+    /// Weights.
+    pub weights: WeightsFile,
+}
+
+impl ModelFiles {
+    /// Finds the files of `source`, downloading hub files into the Hugging Face cache.
+    pub fn locate(source: &ModelSource) -> Result<Self> {
+        match source {
+            ModelSource::Local(dir) => Self::in_directory(dir, source.clone(), None),
+            ModelSource::Hub { repo, revision } => super::hub::fetch(repo, revision),
+        }
+    }
+
+    /// The checkpoint files in a Hugging Face layout directory.
+    pub fn in_directory(dir: &Path, source: ModelSource, commit: Option<String>) -> Result<Self> {
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            return Err(Error::model(
+                dir,
+                "no config.json: not a Hugging Face model directory",
+            ));
+        }
+        let tokenizer = if dir.join("tokenizer.json").is_file() {
+            TokenizerFiles::Json(dir.join("tokenizer.json"))
+        } else if dir.join("vocab.txt").is_file() {
+            let tc = dir.join("tokenizer_config.json");
+            TokenizerFiles::Vocab {
+                vocab: dir.join("vocab.txt"),
+                config: tc.is_file().then_some(tc),
+            }
+        } else {
+            return Err(Error::model(dir, "no tokenizer.json or vocab.txt"));
+        };
+        let weights = if dir.join("model.safetensors").is_file() {
+            WeightsFile::Safetensors(dir.join("model.safetensors"))
+        } else if dir.join("pytorch_model.bin").is_file() {
+            WeightsFile::Pytorch(dir.join("pytorch_model.bin"))
+        } else {
+            return Err(Error::model(
+                dir,
+                "no model.safetensors or pytorch_model.bin",
+            ));
+        };
+        Ok(Self {
+            source,
+            commit,
+            config,
+            tokenizer,
+            weights,
+        })
+    }
+
+    /// sha256 of the weights file, hex.
+    pub fn weights_sha256(&self) -> Result<String> {
+        sha256_file(self.weights.path())
+    }
+}
+
+/// sha256 of a file, as lowercase hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
+}
+
+/// Reads every tensor of a weights file, on the CPU, under its name in the file.
+pub fn read_tensors(weights: &WeightsFile) -> Result<Vec<(String, Tensor)>> {
+    let path = weights.path();
+    let unreadable = |e: candle_core::Error| {
+        Error::model(
+            path,
+            format!("cannot read weights (truncated or corrupt?): {e}"),
+        )
+    };
+    match weights {
+        WeightsFile::Safetensors(_) => {
+            // SAFETY: the file is mapped read-only; kn never writes to a file it has mapped.
+            let mmap = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
+                .map_err(unreadable)?;
+            mmap.tensors()
+                .into_iter()
+                .map(|(name, _)| {
+                    let t = mmap.load(&name, &Device::Cpu).map_err(unreadable)?;
+                    Ok((name, t))
+                })
+                .collect()
+        }
+        WeightsFile::Pytorch(_) => {
+            candle_core::pickle::read_all_with_key(path, None).map_err(unreadable)
+        }
+    }
+}
+
+/// Maps checkpoint names to the names [`BertMaskedLm::load`] expects: drops the
+/// `bert.` prefix of `BertForMaskedLM` and renames TF-era LayerNorm `gamma`/`beta`.
+pub fn normalize_name(name: &str) -> String {
+    let name = name.strip_prefix("bert.").unwrap_or(name);
+    if let Some(stem) = name.strip_suffix(".gamma") {
+        format!("{stem}.weight")
+    } else if let Some(stem) = name.strip_suffix(".beta") {
+        format!("{stem}.bias")
+    } else {
+        name.to_string()
+    }
+}
+
+/// A loaded checkpoint: configuration, tokenizer and model.
+#[derive(Debug)]
+pub struct LoadedModel {
+    /// Where the files came from.
+    pub files: ModelFiles,
+    /// `config.json`
+    pub config: Config,
+    /// Prompt and answer tokenization.
+    pub tokenizer: MaskTokenizer,
+    /// The network.
+    pub model: BertMaskedLm,
+}
+
+impl LoadedModel {
+    /// Loads config, tokenizer and weights (as `dtype` on `device`), checking every
+    /// weight's shape against `config.json`.
+    pub fn load(files: ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let config = Config::from_file(&files.config)?;
+        let tokenizer = MaskTokenizer::load(&files.tokenizer)?;
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(Error::model(
+                &files.config,
+                format!(
+                    "vocab_size {} is smaller than the tokenizer's {} tokens",
+                    config.vocab_size,
+                    tokenizer.vocab_size()
+                ),
+            ));
+        }
+        let model = load_weights(&files.weights, &config, dtype, device)?;
+        Ok(Self {
+            files,
+            config,
+            tokenizer,
+            model,
+        })
+    }
+}
+
+/// Reads a weights file and builds the model, reporting a missing tensor or a shape
+/// that disagrees with `config` against the weights file.
+pub fn load_weights(
+    weights: &WeightsFile,
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+) -> Result<BertMaskedLm> {
+    model_from_tensors(
+        read_tensors(weights)?,
+        config,
+        dtype,
+        device,
+        weights.path(),
+    )
+}
+
+/// Builds the model from named tensors in any checkpoint layout (see [`normalize_name`]);
+/// `path` names their source in errors.
+pub fn model_from_tensors(
+    tensors: impl IntoIterator<Item = (String, Tensor)>,
+    config: &Config,
+    dtype: DType,
+    device: &Device,
+    path: &Path,
+) -> Result<BertMaskedLm> {
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| (normalize_name(&name), t))
+        .collect();
+    if !tensors.keys().any(|k| k.starts_with("cls.predictions.")) {
+        return Err(Error::model(
+            path,
+            "has no masked-LM head (cls.predictions.*): this checkpoint is an encoder only \
+             (e.g. a sentence-embedding model), not a BERT masked LM",
+        ));
+    }
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    BertMaskedLm::load(vb, config).map_err(|e| {
+        Error::model(
+            path,
+            format!("does not match config.json (checked at load time): {e}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_normalised() {
+        assert_eq!(
+            normalize_name("bert.encoder.layer.0.output.LayerNorm.gamma"),
+            "encoder.layer.0.output.LayerNorm.weight"
+        );
+        assert_eq!(
+            normalize_name("bert.embeddings.LayerNorm.beta"),
+            "embeddings.LayerNorm.bias"
+        );
+        assert_eq!(
+            normalize_name("cls.predictions.bias"),
+            "cls.predictions.bias"
+        );
+        assert_eq!(
+            normalize_name("embeddings.word_embeddings.weight"),
+            "embeddings.word_embeddings.weight"
+        );
+    }
+
+    #[test]
+    fn hub_ids_are_told_from_paths() {
+        for id in [
+            "bert-base-cased",
+            "google-bert/bert-base-uncased",
+            "org/model.v2",
+        ] {
+            assert!(is_hub_id(id), "{id}");
+        }
+        for not_id in [
+            "./model",
+            "/abs/model",
+            "a/b/c",
+            "../x",
+            "",
+            "has space",
+            "org/",
+        ] {
+            assert!(!is_hub_id(not_id), "{not_id}");
+        }
+    }
+}

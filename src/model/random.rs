@@ -1,0 +1,188 @@
+//! Random checkpoints with real shapes: for tests (tiny models in every weight-name
+//! layout a real checkpoint uses) and benchmarks (bert-base shapes without a download).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+
+use super::config::Config;
+use crate::error::{Error, Result};
+
+/// How a checkpoint names and ties its tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// `bert.` before encoder names, as `BertForMaskedLM` saves them.
+    pub bert_prefix: bool,
+    /// TF-era LayerNorm names `gamma`/`beta` instead of `weight`/`bias`.
+    pub gamma_beta: bool,
+    /// Write `cls.predictions.decoder.weight` (a copy of the word embeddings) instead of
+    /// leaving it tied.
+    pub explicit_decoder: bool,
+    /// Name the decoder bias `cls.predictions.decoder.bias` instead of `cls.predictions.bias`.
+    pub decoder_bias: bool,
+}
+
+impl Default for Layout {
+    /// `BertForMaskedLM.save_pretrained`'s layout.
+    fn default() -> Self {
+        Self {
+            bert_prefix: true,
+            gamma_beta: false,
+            explicit_decoder: false,
+            decoder_bias: false,
+        }
+    }
+}
+
+/// Deterministic normal samples (SplitMix64 + Box–Muller): the same seed gives the
+/// same weights on every machine.
+struct Normal(u64);
+
+impl Normal {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn uniform(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn sample(&mut self) -> f32 {
+        let (u, v) = (self.uniform(), self.uniform());
+        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+    }
+
+    fn tensor(&mut self, shape: &[usize], mean: f32, std: f32) -> Result<Tensor> {
+        let n = shape.iter().product();
+        let data: Vec<f32> = (0..n).map(|_| mean + std * self.sample()).collect();
+        Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
+    }
+}
+
+/// Random weights for `cfg`, named as `layout` says. Matrices have standard deviation
+/// `std`; LayerNorm scales are near 1.
+pub fn random_tensors(
+    cfg: &Config,
+    layout: Layout,
+    seed: u64,
+    std: f32,
+) -> Result<HashMap<String, Tensor>> {
+    let mut rng = Normal(seed);
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let enc = if layout.bert_prefix { "bert." } else { "" };
+    let (ln_w, ln_b) = if layout.gamma_beta {
+        ("gamma", "beta")
+    } else {
+        ("weight", "bias")
+    };
+    let mut out = HashMap::new();
+    let word = rng.tensor(&[v, h], 0.0, std)?;
+    if layout.explicit_decoder {
+        out.insert("cls.predictions.decoder.weight".into(), word.clone());
+    }
+    out.insert(format!("{enc}embeddings.word_embeddings.weight"), word);
+    let positions = rng.tensor(&[cfg.max_position_embeddings, h], 0.0, std)?;
+    out.insert(
+        format!("{enc}embeddings.position_embeddings.weight"),
+        positions,
+    );
+    let segments = rng.tensor(&[cfg.type_vocab_size.max(1), h], 0.0, std)?;
+    out.insert(
+        format!("{enc}embeddings.token_type_embeddings.weight"),
+        segments,
+    );
+
+    let mut linears = Vec::new();
+    let mut norms = vec![format!("{enc}embeddings.LayerNorm")];
+    for l in 0..cfg.num_hidden_layers {
+        let p = format!("{enc}encoder.layer.{l}");
+        for m in ["query", "key", "value"] {
+            linears.push((format!("{p}.attention.self.{m}"), h, h));
+        }
+        linears.push((format!("{p}.attention.output.dense"), h, h));
+        norms.push(format!("{p}.attention.output.LayerNorm"));
+        linears.push((format!("{p}.intermediate.dense"), i, h));
+        linears.push((format!("{p}.output.dense"), h, i));
+        norms.push(format!("{p}.output.LayerNorm"));
+    }
+    linears.push(("cls.predictions.transform.dense".into(), h, h));
+    norms.push("cls.predictions.transform.LayerNorm".into());
+    for (name, rows, cols) in linears {
+        out.insert(
+            format!("{name}.weight"),
+            rng.tensor(&[rows, cols], 0.0, std)?,
+        );
+        out.insert(format!("{name}.bias"), rng.tensor(&[rows], 0.0, std / 4.0)?);
+    }
+    for name in norms {
+        out.insert(format!("{name}.{ln_w}"), rng.tensor(&[h], 1.0, 0.1)?);
+        out.insert(format!("{name}.{ln_b}"), rng.tensor(&[h], 0.0, 0.1)?);
+    }
+    let bias_name = if layout.decoder_bias {
+        "cls.predictions.decoder.bias"
+    } else {
+        "cls.predictions.bias"
+    };
+    out.insert(bias_name.into(), rng.tensor(&[v], 0.0, std)?);
+    Ok(out)
+}
+
+/// Writes a complete model directory: `config.json`, `vocab.txt` (from `vocab`, unless
+/// empty: then the caller provides tokenizer files) and `model.safetensors`.
+pub fn write_checkpoint(
+    dir: &Path,
+    cfg: &Config,
+    vocab: &[&str],
+    tensors: &HashMap<String, Tensor>,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let config = serde_json::json!({
+        "model_type": "bert",
+        "architectures": ["BertForMaskedLM"],
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "intermediate_size": cfg.intermediate_size,
+        "hidden_act": cfg.hidden_act,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.layer_norm_eps,
+        "position_embedding_type": cfg.position_embedding_type,
+    });
+    let path = dir.join("config.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&config).unwrap_or_default(),
+    )
+    .map_err(|e| Error::io(&path, e))?;
+    if !vocab.is_empty() {
+        let path = dir.join("vocab.txt");
+        std::fs::write(&path, vocab.join("\n") + "\n").map_err(|e| Error::io(&path, e))?;
+    }
+    let path = dir.join("model.safetensors");
+    candle_core::safetensors::save(tensors, &path)
+        .map_err(|e| Error::model(&path, format!("cannot write: {e}")))
+}
+
+/// A small configuration for tests: `layers` × `intermediate` neurons.
+pub fn tiny_config(vocab_size: usize, hidden: usize, layers: usize, intermediate: usize) -> Config {
+    Config {
+        vocab_size,
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: 2,
+        intermediate_size: intermediate,
+        hidden_act: "gelu".into(),
+        max_position_embeddings: 32,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        position_embedding_type: "absolute".into(),
+        model_type: Some("bert".into()),
+    }
+}

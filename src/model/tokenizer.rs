@@ -1,0 +1,249 @@
+//! Tokenizing cloze prompts (one `[MASK]`) and single-token answers.
+
+use std::path::Path;
+
+use tokenizers::decoders::wordpiece::WordPiece as WordPieceDecoder;
+use tokenizers::models::wordpiece::WordPiece;
+use tokenizers::normalizers::bert::BertNormalizer;
+use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+use tokenizers::processors::bert::BertProcessing;
+use tokenizers::{AddedToken, Tokenizer};
+
+use super::load::TokenizerFiles;
+use crate::error::{Error, Result};
+
+/// The placeholder users write in prompts, whatever the model's own mask token is.
+pub const MASK_PLACEHOLDER: &str = "[MASK]";
+
+/// A prompt ready for the model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedPrompt {
+    /// Token ids, with the model's special tokens (`[CLS] … [SEP]`).
+    pub ids: Vec<u32>,
+    /// The tokens, for messages and output.
+    pub tokens: Vec<String>,
+    /// Index of the one mask token in `ids`.
+    pub mask_position: usize,
+}
+
+/// A tokenizer that knows the model's mask token and checks prompts and answers.
+#[derive(Debug, Clone)]
+pub struct MaskTokenizer {
+    inner: Tokenizer,
+    mask_token: String,
+    mask_id: u32,
+    unk_id: Option<u32>,
+}
+
+impl MaskTokenizer {
+    /// Loads `tokenizer.json`, or builds a BERT WordPiece tokenizer from `vocab.txt`.
+    pub fn load(files: &TokenizerFiles) -> Result<Self> {
+        let (inner, path, config) = match files {
+            TokenizerFiles::Json(path) => {
+                let tok = Tokenizer::from_file(path)
+                    .map_err(|e| Error::model(path, format!("cannot read tokenizer: {e}")))?;
+                let config = path
+                    .parent()
+                    .map(|d| d.join("tokenizer_config.json"))
+                    .filter(|p| p.is_file());
+                (
+                    tok,
+                    path.as_path(),
+                    read_tokenizer_config(config.as_deref())?,
+                )
+            }
+            TokenizerFiles::Vocab { vocab, config } => {
+                let config = read_tokenizer_config(config.as_deref())?;
+                (
+                    wordpiece_from_vocab(vocab, &config)?,
+                    vocab.as_path(),
+                    config,
+                )
+            }
+        };
+        let mut inner = inner;
+        // Truncation would silently cut the [MASK] off a long prompt, and padding would
+        // change the input: kn checks lengths itself.
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::model(path, format!("cannot disable truncation: {e}")))?;
+        inner.with_padding(None);
+
+        let mask_token = special_token(&config, "mask_token")
+            .or_else(|| {
+                ["[MASK]", "<mask>"]
+                    .into_iter()
+                    .find(|t| inner.token_to_id(t).is_some())
+                    .map(str::to_string)
+            })
+            .ok_or_else(|| Error::model(path, "the vocabulary has no mask token ([MASK])"))?;
+        let mask_id = inner.token_to_id(&mask_token).ok_or_else(|| {
+            Error::model(
+                path,
+                format!("mask token {mask_token:?} is not in the vocabulary"),
+            )
+        })?;
+        let unk_token = special_token(&config, "unk_token").unwrap_or_else(|| "[UNK]".into());
+        let unk_id = inner.token_to_id(&unk_token);
+        Ok(Self {
+            inner,
+            mask_token,
+            mask_id,
+            unk_id,
+        })
+    }
+
+    /// Number of tokens, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The model's mask token.
+    pub fn mask_token(&self) -> &str {
+        &self.mask_token
+    }
+
+    /// The token string of an id.
+    pub fn token(&self, id: u32) -> String {
+        self.inner
+            .id_to_token(id)
+            .unwrap_or_else(|| format!("<id {id}>"))
+    }
+
+    /// Tokenizes a prompt that holds exactly one `[MASK]`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<EncodedPrompt> {
+        let occurrences = prompt.matches(MASK_PLACEHOLDER).count();
+        if occurrences == 0 {
+            return Err(Error::Prompt(format!(
+                "prompt has no {MASK_PLACEHOLDER}: {prompt:?}"
+            )));
+        }
+        if occurrences > 1 {
+            return Err(Error::Prompt(format!(
+                "prompt has {occurrences} {MASK_PLACEHOLDER} tokens; kn needs exactly one: {prompt:?}"
+            )));
+        }
+        let text = prompt.replace(MASK_PLACEHOLDER, &self.mask_token);
+        let encoding = self
+            .inner
+            .encode(text.as_str(), true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let ids = encoding.get_ids().to_vec();
+        let masks: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &id)| id == self.mask_id)
+            .map(|(i, _)| i)
+            .collect();
+        match masks.as_slice() {
+            [position] => Ok(EncodedPrompt {
+                tokens: encoding.get_tokens().to_vec(),
+                ids,
+                mask_position: *position,
+            }),
+            [] => Err(Error::Prompt(format!(
+                "the tokenizer did not keep {MASK_PLACEHOLDER} as one token in {prompt:?}"
+            ))),
+            _ => Err(Error::Prompt(format!(
+                "prompt holds {} mask tokens after tokenization; kn needs exactly one: {prompt:?}",
+                masks.len()
+            ))),
+        }
+    }
+
+    /// The id of an answer that must be exactly one vocabulary token.
+    pub fn answer_id(&self, answer: &str) -> Result<u32> {
+        let encoding = self
+            .inner
+            .encode(answer.trim(), false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        match encoding.get_ids() {
+            [] => Err(Error::Prompt(format!("answer {answer:?} is empty"))),
+            [id] if Some(*id) == self.unk_id => Err(Error::Prompt(format!(
+                "answer {answer:?} is not in the vocabulary (it becomes {})",
+                self.token(*id)
+            ))),
+            [id] => Ok(*id),
+            _ => Err(Error::Prompt(format!(
+                "answer {answer:?} is not a single token of the vocabulary: it becomes {:?}",
+                encoding.get_tokens()
+            ))),
+        }
+    }
+}
+
+/// `tokenizer_config.json` as JSON, or an empty object.
+fn read_tokenizer_config(path: Option<&Path>) -> Result<serde_json::Value> {
+    let Some(path) = path else {
+        return Ok(serde_json::Value::Object(Default::default()));
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::model(path, format!("not valid JSON: {e}")))
+}
+
+/// A special token from `tokenizer_config.json`: a string, or `{"content": …}`.
+fn special_token(config: &serde_json::Value, key: &str) -> Option<String> {
+    match config.get(key)? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => other.get("content")?.as_str().map(str::to_string),
+    }
+}
+
+/// BERT's WordPiece tokenizer from `vocab.txt`, as `transformers.BertTokenizer` builds it.
+fn wordpiece_from_vocab(vocab: &Path, config: &serde_json::Value) -> Result<Tokenizer> {
+    let bad = |e: tokenizers::Error| Error::model(vocab, format!("cannot read vocabulary: {e}"));
+    let text = std::fs::read_to_string(vocab).map_err(|e| Error::io(vocab, e))?;
+    let words: Vec<&str> = text.lines().map(str::trim_end).collect();
+    let lowercase = match config.get("do_lower_case").and_then(|v| v.as_bool()) {
+        Some(lower) => lower,
+        None => default_lowercase(&words),
+    };
+    let unk = special_token(config, "unk_token").unwrap_or_else(|| "[UNK]".into());
+    let model = WordPiece::from_file(&vocab.to_string_lossy())
+        .unk_token(unk)
+        .build()
+        .map_err(bad)?;
+    let mut tok = Tokenizer::new(model);
+    let chinese = config
+        .get("tokenize_chinese_chars")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let strip_accents = config.get("strip_accents").and_then(|v| v.as_bool());
+    tok.with_normalizer(Some(BertNormalizer::new(
+        true,
+        chinese,
+        strip_accents,
+        lowercase,
+    )));
+    tok.with_pre_tokenizer(Some(BertPreTokenizer));
+    tok.with_decoder(Some(WordPieceDecoder::default()));
+    let id = |t: &str| {
+        tok.token_to_id(t)
+            .ok_or_else(|| Error::model(vocab, format!("the vocabulary has no {t} token")))
+    };
+    let (cls, sep) = (id("[CLS]")?, id("[SEP]")?);
+    tok.with_post_processor(Some(BertProcessing::new(
+        ("[SEP]".to_string(), sep),
+        ("[CLS]".to_string(), cls),
+    )));
+    let specials: Vec<AddedToken> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        .into_iter()
+        .filter(|t| words.contains(t))
+        .map(|t| AddedToken::from(t, true))
+        .collect();
+    tok.add_special_tokens(&specials);
+    Ok(tok)
+}
+
+/// `transformers` lower-cases by default, but a vocabulary with upper-case words and
+/// no lower-case ones (a cased or protein model) would then map every word to [UNK].
+fn default_lowercase(words: &[&str]) -> bool {
+    let is_special = |w: &str| w.starts_with('[') && w.ends_with(']');
+    let has_upper = words
+        .iter()
+        .any(|w| !is_special(w) && w.chars().any(|c| c.is_uppercase()));
+    let has_lower = words
+        .iter()
+        .any(|w| !is_special(w) && w.chars().any(|c| c.is_lowercase()));
+    has_lower || !has_upper
+}

@@ -1,0 +1,268 @@
+//! `kn predict`: fill-mask predictions for cloze prompts.
+//!
+//! # Format
+//!
+//! Input, one JSON object a line: `"prompt"` (one `[MASK]`) or `"prompts"` (a list of
+//! them), optional `"answer"` (one vocabulary token) and `"id"` (any JSON value, copied
+//! to the output). Other fields are ignored.
+//!
+//! Output, one [`Prediction`] a prompt, in input order:
+//!
+//! ```json
+//! {"line":1,"id":"q1","prompt_index":0,"prompt":"The capital of France is [MASK].",
+//!  "mask_position":6,"predictions":[{"token":"paris","id":3000,"probability":0.91}, …],
+//!  "answer":"Paris","answer_id":3000,"answer_probability":0.91,"answer_rank":1}
+//! ```
+//!
+//! `prompt_index` is the prompt's place in `"prompts"` (0 for `"prompt"`); the answer
+//! fields appear only when the line has an answer. `answer_rank` is 1 + the number of
+//! tokens with a strictly higher probability.
+
+use std::io::Write;
+
+use candle_core::Tensor;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{JsonlInput, JsonlWriter};
+use crate::error::{Error, Result};
+use crate::model::{FfnHook, LoadedModel};
+
+/// One input line of `kn predict`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PromptLine {
+    /// Copied to the output.
+    #[serde(default)]
+    pub id: Option<serde_json::Value>,
+    /// A single prompt.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Several prompts (paraphrases).
+    #[serde(default)]
+    pub prompts: Option<Vec<String>>,
+    /// The gold answer: one vocabulary token.
+    #[serde(default)]
+    pub answer: Option<String>,
+}
+
+impl PromptLine {
+    /// The prompts of the line, whichever field holds them.
+    pub fn into_prompts(self) -> std::result::Result<Vec<String>, String> {
+        match (self.prompt, self.prompts) {
+            (Some(p), None) => Ok(vec![p]),
+            (None, Some(ps)) if ps.is_empty() => Err("\"prompts\" is empty".into()),
+            (None, Some(ps)) => Ok(ps),
+            (Some(_), Some(_)) => Err("has both \"prompt\" and \"prompts\"; give one".into()),
+            (None, None) => Err("has neither \"prompt\" nor \"prompts\"".into()),
+        }
+    }
+}
+
+/// A token and its probability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenProbability {
+    /// The token as the vocabulary spells it.
+    pub token: String,
+    /// Its id.
+    pub id: u32,
+    /// Softmax probability at the mask position.
+    pub probability: f64,
+}
+
+/// One output line of `kn predict`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Prediction {
+    /// Input line number (1-based).
+    pub line: usize,
+    /// The input's `id`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<serde_json::Value>,
+    /// Place of the prompt in the line's `prompts` (0 for `prompt`).
+    pub prompt_index: usize,
+    /// The prompt as given.
+    pub prompt: String,
+    /// Index of the mask token in the tokenized input (after `[CLS]`).
+    pub mask_position: usize,
+    /// The top-k tokens, most probable first.
+    pub predictions: Vec<TokenProbability>,
+    /// The gold answer, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer: Option<String>,
+    /// Its token id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_id: Option<u32>,
+    /// Its probability at the mask.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_probability: Option<f64>,
+    /// 1 + the number of tokens more probable than it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_rank: Option<usize>,
+}
+
+/// The probability distribution at the mask of one prompt.
+#[derive(Debug, Clone)]
+pub struct MaskDistribution {
+    /// Index of the mask token.
+    pub mask_position: usize,
+    /// Probability of every vocabulary token.
+    pub probabilities: Vec<f32>,
+}
+
+impl MaskDistribution {
+    /// The `k` most probable tokens, ties broken by id.
+    pub fn top_k(&self, k: usize) -> Vec<(u32, f32)> {
+        let mut order: Vec<u32> = (0..self.probabilities.len() as u32).collect();
+        order.sort_by(|&a, &b| {
+            self.probabilities[b as usize]
+                .total_cmp(&self.probabilities[a as usize])
+                .then(a.cmp(&b))
+        });
+        order
+            .into_iter()
+            .take(k)
+            .map(|id| (id, self.probabilities[id as usize]))
+            .collect()
+    }
+
+    /// 1 + the number of tokens strictly more probable than `id`.
+    pub fn rank(&self, id: u32) -> usize {
+        let p = self.probabilities[id as usize];
+        1 + self.probabilities.iter().filter(|&&q| q > p).count()
+    }
+}
+
+/// Runs one prompt through the model (with `hook` on the neurons) and returns the
+/// distribution at its mask.
+pub fn mask_distribution(
+    lm: &LoadedModel,
+    prompt: &str,
+    hook: &dyn FfnHook,
+) -> Result<MaskDistribution> {
+    let encoded = lm.tokenizer.encode_prompt(prompt)?;
+    let max = lm.config.max_position_embeddings;
+    if encoded.ids.len() > max {
+        return Err(Error::Prompt(format!(
+            "prompt is {} tokens long; the model takes at most {max}",
+            encoded.ids.len()
+        )));
+    }
+    let ids = Tensor::new(encoded.ids.as_slice(), lm.model.device())?.unsqueeze(0)?;
+    let probs = lm
+        .model
+        .probabilities_at(&ids, None, &[encoded.mask_position], hook)?
+        .squeeze(0)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1::<f32>()?;
+    Ok(MaskDistribution {
+        mask_position: encoded.mask_position,
+        probabilities: probs,
+    })
+}
+
+/// Options of `kn predict`.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// How many tokens to list per prompt.
+    pub top_k: usize,
+    /// Stop at the first bad line instead of reporting it and going on.
+    pub fail_fast: bool,
+}
+
+/// Counts of a run over an input.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RunSummary {
+    /// Records written.
+    pub written: usize,
+    /// Input lines (or prompts) that failed and were reported.
+    pub failed: usize,
+}
+
+/// Predicts every prompt of `input`, writing [`Prediction`]s to `out`. A bad line is
+/// passed to `report` and skipped (unless `fail_fast`); I/O errors on `out` end the run.
+pub fn run_predict<W: Write>(
+    lm: &LoadedModel,
+    input: JsonlInput,
+    out: &mut JsonlWriter<W>,
+    options: &PredictOptions,
+    report: &mut dyn FnMut(&Error),
+) -> Result<RunSummary> {
+    let mut summary = RunSummary::default();
+    let mut fail = |e: Error, summary: &mut RunSummary| -> Result<()> {
+        summary.failed += 1;
+        if options.fail_fast {
+            return Err(e);
+        }
+        report(&e);
+        Ok(())
+    };
+    let mut lines = input;
+    while let Some(item) = lines.next() {
+        let (line, text) = match item {
+            Ok(x) => x,
+            Err(e @ Error::Io { .. }) => return Err(e),
+            Err(e) => {
+                fail(e, &mut summary)?;
+                continue;
+            }
+        };
+        let record: PromptLine = match lines.parse(line, &text) {
+            Ok(r) => r,
+            Err(e) => {
+                fail(e, &mut summary)?;
+                continue;
+            }
+        };
+        let answer = record.answer.clone();
+        let id = record.id.clone();
+        let prompts = match record.into_prompts() {
+            Ok(p) => p,
+            Err(reason) => {
+                fail(lines.error(line, reason), &mut summary)?;
+                continue;
+            }
+        };
+        let answer_id = match answer
+            .as_deref()
+            .map(|a| lm.tokenizer.answer_id(a))
+            .transpose()
+        {
+            Ok(a) => a,
+            Err(e) => {
+                fail(lines.error(line, e), &mut summary)?;
+                continue;
+            }
+        };
+        for (prompt_index, prompt) in prompts.into_iter().enumerate() {
+            let dist = match mask_distribution(lm, &prompt, &()) {
+                Ok(d) => d,
+                Err(e @ (Error::Prompt(_) | Error::Tokenizer(_))) => {
+                    fail(lines.error(line, e), &mut summary)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            let predictions = dist
+                .top_k(options.top_k)
+                .into_iter()
+                .map(|(id, p)| TokenProbability {
+                    token: lm.tokenizer.token(id),
+                    id,
+                    probability: f64::from(p),
+                })
+                .collect();
+            out.write(&Prediction {
+                line,
+                id: id.clone(),
+                prompt_index,
+                prompt,
+                mask_position: dist.mask_position,
+                predictions,
+                answer: answer.clone(),
+                answer_id,
+                answer_probability: answer_id.map(|a| f64::from(dist.probabilities[a as usize])),
+                answer_rank: answer_id.map(|a| dist.rank(a)),
+            })?;
+            summary.written += 1;
+        }
+    }
+    Ok(summary)
+}

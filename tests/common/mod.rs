@@ -1,0 +1,73 @@
+//! Shared helpers for the integration tests: the `kn` binary, tiny random models, and
+//! the real checkpoints installed by `scripts/fetch-test-models`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use kn::model::random::{random_tensors, tiny_config, write_checkpoint, Layout};
+use kn::model::Config;
+
+/// The vocabulary of the tiny test models.
+pub const TINY_VOCAB: &[&str] = &[
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "capital", "of", "france", "is", "paris",
+    "berlin", "germany", ".", "rome", "italy", "city", "##s",
+];
+
+/// The tiny models' configuration: 2 layers × 32 neurons, hidden 16.
+pub fn tiny() -> Config {
+    tiny_config(TINY_VOCAB.len(), 16, 2, 32)
+}
+
+/// Writes a tiny random model in `layout` under `dir`.
+pub fn tiny_model(dir: &Path, layout: Layout) -> PathBuf {
+    let cfg = tiny();
+    let tensors = random_tensors(&cfg, layout, 42, 0.5).expect("random tensors");
+    write_checkpoint(dir, &cfg, TINY_VOCAB, &tensors).expect("write checkpoint");
+    dir.to_path_buf()
+}
+
+/// The `kn` binary built for these tests.
+pub fn kn() -> assert_cmd::Command {
+    assert_cmd::Command::cargo_bin("kn").expect("kn binary")
+}
+
+fn installed(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name);
+    assert!(
+        dir.join(".complete").is_file(),
+        "{} is missing: run `bash scripts/fetch-test-models` (the test command `bash scripts/test` does)",
+        dir.display()
+    );
+    dir
+}
+
+/// AntiBERTy: a real pretrained BERT masked LM (`pytorch_model.bin`, `vocab.txt`).
+pub fn antiberty() -> PathBuf {
+    installed("antiberty")
+}
+
+/// all-MiniLM-L6-v2: bert-base-uncased `tokenizer.json`, an encoder without MLM head.
+pub fn minilm() -> PathBuf {
+    installed("minilm")
+}
+
+/// Parses JSON lines.
+pub fn json_lines(bytes: &[u8]) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(bytes)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad JSON line {l:?}: {e}")))
+        .collect()
+}
+
+/// Copies a directory's regular files (not recursive).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
