@@ -6,9 +6,13 @@
 //!   PyTorch weights; `tokenizer.json` or `vocab.txt`) and run BERT with access to every
 //!   FFN neuron (post-activation intermediate unit) through [`model::FfnHook`]s.
 //! - [`predict`]: fill-mask probabilities for cloze prompts.
+//! - [`attribution`]: integrated gradients over every FFN neuron at the mask
+//!   ([`attribution::ig`]: the loop; [`attribution::engine`]: the activation-only
+//!   forward/backward it runs on), coarse and refined neuron sets, `kn attribute` / `kn refine`.
 //! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output.
 //! - [`cli`]: the `kn` command line over all of the above.
 
+pub mod attribution;
 pub mod cli;
 pub mod data;
 pub mod error;

@@ -2,6 +2,7 @@
 //! function per subcommand. Only this module and `main.rs` touch stdout, stderr and
 //! exit codes.
 
+mod attribute;
 mod predict;
 
 use std::process::ExitCode;
@@ -22,6 +23,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Score every FFN neuron of every fact by integrated gradients; write coarse and
+    /// refined knowledge neurons (JSONL in, JSONL out).
+    Attribute(attribute::AttributeArgs),
+    /// Redo neuron selection (threshold, share, adaptive share) on `kn attribute` output.
+    Refine(attribute::RefineArgs),
     /// Fill-mask predictions for cloze prompts (JSONL in, JSONL out).
     Predict(predict::PredictArgs),
 }
@@ -91,6 +97,8 @@ enum Outcome {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
+        Command::Attribute(args) => attribute::run(args),
+        Command::Refine(args) => attribute::refine(args),
         Command::Predict(args) => predict::run(args),
     };
     match outcome {

@@ -1,0 +1,236 @@
+//! Knowledge-neuron attribution: integrated gradients ([`ig`]) on a dedicated
+//! activation-gradient engine ([`engine`]), coarse and refined selection ([`select`]),
+//! and the records `kn attribute` writes ([`record`]); [`run`] drives a whole input.
+
+pub mod engine;
+pub mod ig;
+pub mod record;
+pub mod refine;
+pub mod run;
+pub mod select;
+
+use candle_core::Tensor;
+
+use crate::error::{Error, Result};
+use crate::model::tokenizer::MASK_PLACEHOLDER;
+use crate::model::LoadedModel;
+use engine::{Engine, Real};
+use ig::{IgOptions, Rule};
+use record::{FactRecord, Method, ModelInfo, Params, PromptRecord};
+use select::{above, max_score, refine};
+
+/// Everything that decides what `kn attribute` computes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttributeOptions {
+    /// Scoring method.
+    pub method: Method,
+    /// IG points, rule and chunk size.
+    pub ig: IgOptions,
+    /// Coarse threshold t.
+    pub threshold: f64,
+    /// Refinement share p.
+    pub share: f64,
+    /// Refinement floor in prompts.
+    pub min_prompts: usize,
+    /// Store neurons down to `keep · max` (≤ threshold).
+    pub keep: f64,
+}
+
+impl AttributeOptions {
+    /// The paper's settings for `method` (IG: t = 0.2, m = 20, left rule; activation:
+    /// t = 0.5), p = 0.7, at least 3 prompts.
+    pub fn paper(method: Method) -> Self {
+        Self {
+            method,
+            ig: IgOptions {
+                steps: 20,
+                rule: Rule::Left,
+                chunk: 20,
+            },
+            threshold: match method {
+                Method::IntegratedGradients => 0.2,
+                Method::Activation => 0.5,
+            },
+            share: 0.7,
+            min_prompts: 3,
+            keep: 0.1,
+        }
+    }
+
+    /// The parameters as recorded in the output.
+    pub fn params(&self) -> Params {
+        let ig = self.method == Method::IntegratedGradients;
+        Params {
+            method: self.method,
+            steps: ig.then_some(self.ig.steps),
+            rule: ig.then_some(self.ig.rule),
+            threshold: self.threshold,
+            share: self.share,
+            min_prompts: self.min_prompts,
+            keep: self.keep.min(self.threshold),
+            adaptive: None,
+        }
+    }
+}
+
+/// A fact ready to attribute.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fact {
+    /// Its id.
+    pub id: serde_json::Value,
+    /// Its relation.
+    pub relation: Option<String>,
+    /// The gold answer.
+    pub answer: String,
+    /// Paraphrased prompts.
+    pub prompts: Vec<String>,
+}
+
+/// Attributes facts with one loaded model.
+pub struct Attributor<'a> {
+    lm: &'a LoadedModel,
+    engine: Engine<f32>,
+    options: AttributeOptions,
+    model_info: ModelInfo,
+}
+
+impl<'a> Attributor<'a> {
+    /// Prepares the engine (a copy of the weights in flat buffers) and hashes the weights.
+    pub fn new(lm: &'a LoadedModel, options: AttributeOptions) -> Result<Self> {
+        let model_info = model_info(lm)?;
+        Ok(Self {
+            lm,
+            engine: Engine::new(&lm.model)?,
+            options,
+            model_info,
+        })
+    }
+
+    /// The model as recorded in the output.
+    pub fn model_info(&self) -> &ModelInfo {
+        &self.model_info
+    }
+
+    /// The options in use.
+    pub fn options(&self) -> &AttributeOptions {
+        &self.options
+    }
+
+    /// Scores every neuron for every prompt of `fact` and selects its neurons. Errors are
+    /// about the fact itself (answer, prompts) and leave nothing half-done.
+    pub fn attribute(&self, fact: &Fact) -> Result<FactRecord> {
+        if fact.prompts.is_empty() {
+            return Err(Error::Prompt("the fact has no prompts".into()));
+        }
+        let answer_id = self.lm.tokenizer.answer_id(&fact.answer)?;
+        let mut prompts = Vec::with_capacity(fact.prompts.len());
+        let mut coarse_sets = Vec::with_capacity(fact.prompts.len());
+        // Check every prompt before the slow part, so a bad one costs nothing.
+        let encoded = fact
+            .prompts
+            .iter()
+            .enumerate()
+            .map(|(n, prompt)| {
+                self.check_prompt(prompt, &fact.answer, answer_id)
+                    .map_err(|e| Error::Prompt(format!("prompt {}: {e}", n + 1)))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (prompt, (ids, mask)) in fact.prompts.iter().zip(encoded) {
+            let base = self.engine.base_forward(self.embed::<f32>(&ids)?, mask);
+            let attribution = match self.options.method {
+                Method::IntegratedGradients => ig::integrated_gradients(
+                    &self.engine,
+                    &base,
+                    answer_id as usize,
+                    &self.options.ig,
+                ),
+                Method::Activation => ig::activation_scores(&base, answer_id as usize),
+            };
+            let max = max_score(&attribution.scores);
+            let keep = self.options.keep.min(self.options.threshold);
+            let cut = (self.options.threshold * f64::from(max)) as f32;
+            let (coarse, kept): (Vec<_>, Vec<_>) = above(&attribution.scores, keep)
+                .into_iter()
+                .partition(|s| s.score >= cut);
+            coarse_sets.push((max, coarse.clone()));
+            let completeness_error = attribution
+                .completeness
+                .iter()
+                .map(|c| c.relative_error())
+                .fold(None, |m: Option<f64>, e| Some(m.map_or(e, |m| m.max(e))));
+            prompts.push(PromptRecord {
+                prompt: prompt.clone(),
+                mask_position: mask,
+                gold_probability: attribution.gold_probability,
+                max_score: max,
+                coarse,
+                kept,
+                completeness: attribution.completeness,
+                completeness_error,
+            });
+        }
+        Ok(FactRecord {
+            id: fact.id.clone(),
+            relation: fact.relation.clone(),
+            answer: fact.answer.clone(),
+            answer_id,
+            refined: refine(&coarse_sets, self.options.share, self.options.min_prompts),
+            prompts,
+            model: self.model_info.clone(),
+            params: self.options.params(),
+            kn_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
+
+    /// Tokenizes a prompt and checks it against the model and the answer.
+    fn check_prompt(
+        &self,
+        prompt: &str,
+        answer: &str,
+        answer_id: u32,
+    ) -> Result<(Vec<u32>, usize)> {
+        let tokenizer = &self.lm.tokenizer;
+        let encoded = tokenizer.encode_prompt(prompt)?;
+        let max = self.lm.config.max_position_embeddings;
+        if encoded.ids.len() > max {
+            return Err(Error::Prompt(format!(
+                "prompt is {} tokens long; the model takes at most {max}",
+                encoded.ids.len()
+            )));
+        }
+        // The answer must be its own token in this prompt: written in place of the mask,
+        // it must tokenize to the prompt's tokens with the answer at the mask.
+        let filled = tokenizer.encode_text(&prompt.replace(MASK_PLACEHOLDER, answer.trim()))?;
+        let mut expected = encoded.ids.clone();
+        expected[encoded.mask_position] = answer_id;
+        if filled.ids != expected {
+            return Err(Error::Prompt(format!(
+                "the answer {answer:?} does not stand as its own token here: with it in place of \
+                 {MASK_PLACEHOLDER} the prompt tokenizes as {:?}",
+                filled.tokens
+            )));
+        }
+        Ok((encoded.ids, encoded.mask_position))
+    }
+
+    /// The embedding output `[S, H]` of a prompt, flat.
+    fn embed<F: Real>(&self, ids: &[u32]) -> Result<Vec<F>> {
+        let ids = Tensor::new(ids, self.lm.model.device())?.unsqueeze(0)?;
+        F::from_tensor(&self.lm.model.embeddings.forward(&ids)?)
+    }
+}
+
+/// The model's identity for output records.
+pub fn model_info(lm: &LoadedModel) -> Result<ModelInfo> {
+    use crate::model::ModelSource;
+    let (source, revision) = match &lm.files.source {
+        ModelSource::Local(p) => (p.display().to_string(), None),
+        ModelSource::Hub { repo, revision } => (repo.clone(), Some(revision.clone())),
+    };
+    Ok(ModelInfo {
+        source,
+        revision,
+        commit: lm.files.commit.clone(),
+        weights_sha256: lm.files.weights_sha256()?,
+    })
+}

@@ -1,0 +1,146 @@
+//! Input facts and the output record of `kn attribute` (also read by `kn refine` and
+//! `--resume`).
+//!
+//! # Format
+//!
+//! Input, one fact a line:
+//! `{"id": "...", "relation": "P36", "answer": "Paris", "prompts": ["The capital of France is [MASK].", ...]}`
+//! (`id` defaults to the line number; `relation` is optional; `prompt` is accepted for
+//! a single prompt).
+//!
+//! Output, one [`FactRecord`] a fact:
+//!
+//! ```json
+//! {"id":"france-capital","relation":"P36","answer":"Paris","answer_id":3000,
+//!  "refined":[{"layer":9,"index":1234,"prompts":5,"share":0.83,"mean_relative_score":0.61}],
+//!  "prompts":[{"prompt":"…","mask_position":6,"gold_probability":0.43,"max_score":0.021,
+//!              "coarse":[{"layer":9,"index":1234,"score":0.021}],
+//!              "kept":[{"layer":7,"index":88,"score":0.003}],
+//!              "completeness":[{"layer":0,"sum":0.0123,"target":0.0129}],
+//!              "completeness_error":0.046}],
+//!  "model":{"source":"bert-base-cased","revision":"main","commit":"…","weights_sha256":"…"},
+//!  "params":{"method":"integrated-gradients","steps":20,"rule":"left","threshold":0.2,
+//!            "share":0.7,"min_prompts":3,"keep":0.1},
+//!  "kn_version":"0.1.0"}
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+use super::ig::{Completeness, Rule};
+use super::select::{RefinedNeuron, ScoredNeuron};
+
+/// One input fact.
+#[derive(Debug, Clone, Deserialize)]
+pub struct FactLine {
+    /// Any JSON value; the line number when absent.
+    #[serde(default)]
+    pub id: Option<serde_json::Value>,
+    /// Relation name, e.g. `P36`.
+    #[serde(default)]
+    pub relation: Option<String>,
+    /// The gold answer: one vocabulary token.
+    pub answer: Option<String>,
+    /// Paraphrased prompts, each with one `[MASK]`.
+    #[serde(default)]
+    pub prompts: Option<Vec<String>>,
+    /// A single prompt, as `kn predict` takes.
+    #[serde(default)]
+    pub prompt: Option<String>,
+}
+
+/// How scores are made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// Integrated gradients of the gold probability (the paper's method).
+    IntegratedGradients,
+    /// Raw activation at the mask (the paper's baseline).
+    Activation,
+}
+
+/// Every parameter that shapes a record: enough to reproduce it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Params {
+    /// Scoring method.
+    pub method: Method,
+    /// IG quadrature points (absent for the activation method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// IG quadrature rule (absent for the activation method).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<Rule>,
+    /// Coarse threshold t: keep `score ≥ t · max`.
+    pub threshold: f64,
+    /// Refinement share p.
+    pub share: f64,
+    /// Refinement floor: a refined neuron is coarse in at least this many prompts.
+    pub min_prompts: usize,
+    /// Neurons with `score ≥ keep · max` are stored (`coarse` + `kept`), so that
+    /// `kn refine` can use any threshold ≥ keep.
+    pub keep: f64,
+    /// Set by `kn refine --adaptive`: the per-relation share actually used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<bool>,
+}
+
+/// Which model made a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Local directory or hub id, as given.
+    pub source: String,
+    /// Hub revision (absent for local models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Hub commit the files came from, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit: Option<String>,
+    /// sha256 of the weights file.
+    pub weights_sha256: String,
+}
+
+/// One prompt of a fact.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PromptRecord {
+    /// The prompt as given.
+    pub prompt: String,
+    /// Index of the mask token.
+    pub mask_position: usize,
+    /// `P(gold)` in the normal forward pass.
+    pub gold_probability: f64,
+    /// Largest score over all layers and neurons.
+    pub max_score: f32,
+    /// Coarse set: `score ≥ threshold · max`, highest first.
+    pub coarse: Vec<ScoredNeuron>,
+    /// Also stored: `keep · max ≤ score < threshold · max`, highest first.
+    pub kept: Vec<ScoredNeuron>,
+    /// Per layer `Σ Attr` against `P(1) − P(0)` (integrated gradients only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub completeness: Vec<Completeness>,
+    /// Largest relative completeness error over the layers (integrated gradients only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completeness_error: Option<f64>,
+}
+
+/// One output line of `kn attribute`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FactRecord {
+    /// The fact's id (its line number when the input had none).
+    pub id: serde_json::Value,
+    /// Relation, when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
+    /// The gold answer.
+    pub answer: String,
+    /// Its token id.
+    pub answer_id: u32,
+    /// The refined knowledge neurons, by (layer, index).
+    pub refined: Vec<RefinedNeuron>,
+    /// Per prompt, in input order.
+    pub prompts: Vec<PromptRecord>,
+    /// The model.
+    pub model: ModelInfo,
+    /// The parameters.
+    pub params: Params,
+    /// `kn`'s version.
+    pub kn_version: String,
+}

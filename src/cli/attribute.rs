@@ -1,0 +1,251 @@
+//! `kn attribute` and `kn refine`.
+
+use std::fs::OpenOptions;
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use super::{report, ModelArgs, Outcome};
+use crate::attribution::ig::{IgOptions, Rule};
+use crate::attribution::record::{FactRecord, Method};
+use crate::attribution::refine::{reselect, Reselect};
+use crate::attribution::run::{
+    count_pending, prepare_resume, run_attribute, Progress, RunOptions, Shard,
+};
+use crate::attribution::{AttributeOptions, Attributor};
+use crate::data::{JsonlInput, JsonlWriter};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum MethodArg {
+    /// Integrated gradients (the paper's method).
+    Ig,
+    /// Raw activation at the mask (the paper's baseline; default threshold 0.5).
+    Activation,
+}
+
+#[derive(Debug, Args)]
+pub(super) struct AttributeArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// JSONL facts: {"id", "relation", "answer", "prompts": [...]}; `-` reads stdin.
+    #[arg(long, value_name = "FILE|-")]
+    fact: PathBuf,
+    /// Output JSONL; `-` writes stdout.
+    #[arg(long, default_value = "-", value_name = "FILE|-")]
+    out: PathBuf,
+    /// Scoring method.
+    #[arg(long, value_enum, default_value = "ig")]
+    method: MethodArg,
+    /// Integrated-gradients points m.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    steps: u64,
+    /// Quadrature rule: left (the released code), right (the paper's formula), midpoint, gauss.
+    #[arg(long, default_value = "left")]
+    rule: Rule,
+    /// Coarse threshold t: keep neurons with score ≥ t × the prompt's max
+    /// [default: 0.2 for ig, 0.5 for activation].
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// Refinement share p: keep neurons coarse in ≥ max(p × prompts, --min-prompts) prompts.
+    #[arg(long, default_value_t = 0.7)]
+    share: f64,
+    /// Refinement floor in prompts.
+    #[arg(long, default_value_t = 3)]
+    min_prompts: usize,
+    /// Also store neurons down to keep × max, so `kn refine` can lower the threshold to it.
+    #[arg(long, default_value_t = 0.1)]
+    keep: f64,
+    /// Integration points per batch: lower it to bound memory on long prompts.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    chunk: u64,
+    /// Append to an existing --out, skipping facts already there (same parameters only).
+    #[arg(long)]
+    resume: bool,
+    /// Overwrite an existing --out.
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
+    /// Only the K-th of N disjoint parts of the facts (1 ≤ K ≤ N), chosen by id.
+    #[arg(long, value_name = "K/N")]
+    shard: Option<Shard>,
+    /// Stop at the first bad fact.
+    #[arg(long)]
+    fail_fast: bool,
+}
+
+impl AttributeArgs {
+    fn options(&self) -> anyhow::Result<AttributeOptions> {
+        let method = match self.method {
+            MethodArg::Ig => Method::IntegratedGradients,
+            MethodArg::Activation => Method::Activation,
+        };
+        let mut options = AttributeOptions::paper(method);
+        options.ig = IgOptions {
+            steps: self.steps as usize,
+            rule: self.rule,
+            chunk: self.chunk as usize,
+        };
+        if let Some(t) = self.threshold {
+            options.threshold = t;
+        }
+        options.share = self.share;
+        options.min_prompts = self.min_prompts;
+        options.keep = self.keep;
+        for (name, value) in [
+            ("--threshold", options.threshold),
+            ("--share", options.share),
+            ("--keep", options.keep),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                bail!("{name} must be between 0 and 1, not {value}");
+            }
+        }
+        Ok(options)
+    }
+}
+
+/// An indicatif bar on stderr, drawn only on a terminal.
+struct Bar(ProgressBar);
+
+impl Bar {
+    fn new(quiet: bool) -> Self {
+        let target = if quiet || !std::io::stderr().is_terminal() {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
+        let bar = ProgressBar::with_draw_target(None, target);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {pos} facts  {per_sec}  {elapsed}")
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+        );
+        Self(bar)
+    }
+}
+
+impl Progress for Bar {
+    fn set_total(&self, total: u64) {
+        self.0.set_length(total);
+        self.0.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} facts  {per_sec}  ETA {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+        );
+    }
+
+    fn advance(&self) {
+        self.0.inc(1);
+    }
+}
+
+fn open_output(path: &Path, append: bool, force: bool) -> anyhow::Result<Box<dyn Write>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    if !append && !force && path.exists() {
+        bail!(
+            "{}: exists; use --resume to continue it, or --force to overwrite it",
+            path.display()
+        );
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+    Ok(Box::new(file))
+}
+
+pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
+    let options = args.options()?;
+    if args.resume && args.out == Path::new("-") {
+        bail!("--resume needs --out FILE (it cannot resume stdout)");
+    }
+    let input = JsonlInput::open(&args.fact)?;
+    let lm = args.model.load()?;
+    let attributor = Attributor::new(&lm, options)?;
+    let mut run_options = RunOptions {
+        shard: args.shard,
+        fail_fast: args.fail_fast,
+        ..RunOptions::default()
+    };
+    if args.resume {
+        run_options.done = prepare_resume(
+            &args.out,
+            &attributor.options().params(),
+            attributor.model_info(),
+        )?;
+        if !args.model.quiet && !run_options.done.is_empty() {
+            eprintln!(
+                "kn: resuming {}: {} facts already done",
+                args.out.display(),
+                run_options.done.len()
+            );
+        }
+    }
+    let out = open_output(&args.out, args.resume, args.force)?;
+    let mut out = JsonlWriter::new(out, &args.out);
+    let bar = Bar::new(args.model.quiet);
+    if let Some(total) = count_pending(&args.fact, &run_options) {
+        bar.set_total(total);
+    }
+    let summary = run_attribute(&attributor, input, &mut out, &run_options, &bar, &mut |e| {
+        bar.0.suspend(|| report(e))
+    })?;
+    bar.0.finish_and_clear();
+    Ok(if summary.failed > 0 {
+        Outcome::Failed(summary.failed)
+    } else {
+        Outcome::Clean
+    })
+}
+
+#[derive(Debug, Args)]
+pub(super) struct RefineArgs {
+    /// Records written by `kn attribute`; `-` reads stdin.
+    #[arg(long, default_value = "-", value_name = "FILE|-")]
+    input: PathBuf,
+    /// Output JSONL; `-` writes stdout.
+    #[arg(long, default_value = "-", value_name = "FILE|-")]
+    out: PathBuf,
+    /// New coarse threshold t (≥ the records' keep) [default: the records'].
+    #[arg(long)]
+    threshold: Option<f64>,
+    /// New share p [default: the records'].
+    #[arg(long)]
+    share: Option<f64>,
+    /// New floor in prompts [default: the records'].
+    #[arg(long)]
+    min_prompts: Option<usize>,
+    /// The released code's adaptive p per relation (from --share or the records' p).
+    #[arg(long)]
+    adaptive: bool,
+    /// Overwrite an existing --out.
+    #[arg(long)]
+    force: bool,
+}
+
+pub(super) fn refine(args: RefineArgs) -> anyhow::Result<Outcome> {
+    let input = JsonlInput::open(&args.input)?;
+    let mut records: Vec<FactRecord> = Vec::new();
+    let mut lines = input;
+    while let Some(item) = lines.next() {
+        let (line, text) = item?;
+        records.push(lines.parse(line, &text)?);
+    }
+    let how = Reselect {
+        threshold: args.threshold,
+        share: args.share,
+        min_prompts: args.min_prompts,
+        adaptive: args.adaptive,
+    };
+    let records = reselect(records, &how)?;
+    let mut out = JsonlWriter::new(open_output(&args.out, false, args.force)?, &args.out);
+    for record in &records {
+        out.write(record)?;
+    }
+    Ok(Outcome::Clean)
+}
