@@ -174,6 +174,8 @@ pub struct RunSummary {
     pub written: usize,
     /// Input lines (or prompts) that failed and were reported.
     pub failed: usize,
+    /// Prompts processed in the records written.
+    pub prompts: usize,
 }
 
 /// Predicts every prompt of `input`, writing [`Prediction`]s to `out`. A bad line is
@@ -262,6 +264,7 @@ pub fn run_predict<W: Write>(
                 answer_rank: answer_id.map(|a| dist.rank(a)),
             })?;
             summary.written += 1;
+            summary.prompts += 1;
         }
     }
     Ok(summary)

@@ -80,17 +80,18 @@ pub fn matmul<F: Real>(
         }
         return;
     }
+    #[cfg(feature = "openblas")]
+    if blas::gemm(m, n, k, a, b, b_is_nk, c, accumulate) {
+        return;
+    }
     let (rhs_cs, rhs_rs) = if b_is_nk {
         (k as isize, 1)
     } else {
         (1, n as isize)
     };
-    // Threads pay off only for products of some size.
-    let parallelism = if m * n * k >= 1 << 18 {
-        gemm::Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        gemm::Parallelism::None
-    };
+    // Single-threaded: the IG loop runs layers in parallel, which keeps every core busy
+    // between products too (threads inside each product idle there).
+    let parallelism = gemm::Parallelism::None;
     // SAFETY: the asserts above bound every index gemm computes from these strides.
     unsafe {
         gemm::gemm(
@@ -114,6 +115,124 @@ pub fn matmul<F: Real>(
             false,
             parallelism,
         );
+    }
+}
+
+/// The optional OpenBLAS path (`--features openblas`, links the system libopenblas):
+/// its AVX-512 kernels beat gemm's AVX2 ones where the CPU has AVX-512.
+#[cfg(feature = "openblas")]
+mod blas {
+    use std::any::TypeId;
+    use std::ffi::c_int;
+
+    const ROW_MAJOR: c_int = 101;
+    const NO_TRANS: c_int = 111;
+    const TRANS: c_int = 112;
+
+    #[link(name = "openblas")]
+    extern "C" {
+        fn cblas_sgemm(
+            order: c_int,
+            ta: c_int,
+            tb: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f32,
+            a: *const f32,
+            lda: c_int,
+            b: *const f32,
+            ldb: c_int,
+            beta: f32,
+            c: *mut f32,
+            ldc: c_int,
+        );
+        fn cblas_dgemm(
+            order: c_int,
+            ta: c_int,
+            tb: c_int,
+            m: c_int,
+            n: c_int,
+            k: c_int,
+            alpha: f64,
+            a: *const f64,
+            lda: c_int,
+            b: *const f64,
+            ldb: c_int,
+            beta: f64,
+            c: *mut f64,
+            ldc: c_int,
+        );
+    }
+
+    extern "C" {
+        fn openblas_set_num_threads(n: c_int);
+    }
+
+    static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
+
+    /// `c (+)= a · op(b)` through cblas; false when `F` is not f32 or f64.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm<F: 'static>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[F],
+        b: &[F],
+        b_is_nk: bool,
+        c: &mut [F],
+        accumulate: bool,
+    ) -> bool {
+        let tb = if b_is_nk { TRANS } else { NO_TRANS };
+        let ldb = if b_is_nk { k } else { n } as c_int;
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let (m, n, k) = (m as c_int, n as c_int, k as c_int);
+        // As for gemm: parallelism is across layers, so BLAS threads would only spin.
+        // SAFETY: a plain setter of OpenBLAS's thread count.
+        SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
+        // SAFETY: the caller checked the slice lengths against m, n and k; the casts
+        // only rename F as the type TypeId says it is.
+        unsafe {
+            if TypeId::of::<F>() == TypeId::of::<f32>() {
+                cblas_sgemm(
+                    ROW_MAJOR,
+                    NO_TRANS,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    1.0,
+                    a.as_ptr().cast(),
+                    k,
+                    b.as_ptr().cast(),
+                    ldb,
+                    beta as f32,
+                    c.as_mut_ptr().cast(),
+                    n,
+                );
+                true
+            } else if TypeId::of::<F>() == TypeId::of::<f64>() {
+                cblas_dgemm(
+                    ROW_MAJOR,
+                    NO_TRANS,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    1.0,
+                    a.as_ptr().cast(),
+                    k,
+                    b.as_ptr().cast(),
+                    ldb,
+                    beta,
+                    c.as_mut_ptr().cast(),
+                    n,
+                );
+                true
+            } else {
+                false
+            }
+        }
     }
 }
 

@@ -17,6 +17,7 @@
 //! from layer L up only, and a backward pass to L's neurons only (no weight gradients),
 //! in chunks of at most `chunk` points to bound memory.
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::engine::{BaseForward, Engine, Real};
@@ -163,36 +164,44 @@ pub fn integrated_gradients<F: Real>(
         points.push((0.0, 0.0));
     }
     let width = engine.intermediate();
-    let mut scores = Vec::with_capacity(engine.layers());
-    let mut completeness = Vec::with_capacity(engine.layers());
-    for layer in 0..engine.layers() {
-        let mut gradient_sum = vec![0f64; width];
-        let mut p0 = f64::NAN;
-        for chunk in points.chunks(options.chunk.max(1)) {
-            let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
-            let (probability, gradients) = engine.scaled_gradients(base, layer, &alphas, gold);
-            for (b, &(alpha, weight)) in chunk.iter().enumerate() {
-                if alpha == 0.0 {
-                    p0 = probability[b].to_f64().unwrap_or(f64::NAN);
-                }
-                let row = &gradients[b * width..(b + 1) * width];
-                for (sum, &g) in gradient_sum.iter_mut().zip(row) {
-                    *sum += weight * g.to_f64().unwrap_or(f64::NAN);
+    // Layers are independent: integrate them in parallel, one task each (lower layers
+    // cost more; rayon's work stealing balances them).
+    let per_layer: Vec<(Vec<f32>, Completeness)> = (0..engine.layers())
+        .into_par_iter()
+        .with_max_len(1)
+        .map(|layer| {
+            let mut gradient_sum = vec![0f64; width];
+            let mut p0 = f64::NAN;
+            for chunk in points.chunks(options.chunk.max(1)) {
+                let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
+                let (probability, gradients) = engine.scaled_gradients(base, layer, &alphas, gold);
+                for (b, &(alpha, weight)) in chunk.iter().enumerate() {
+                    if alpha == 0.0 {
+                        p0 = probability[b].to_f64().unwrap_or(f64::NAN);
+                    }
+                    let row = &gradients[b * width..(b + 1) * width];
+                    for (sum, &g) in gradient_sum.iter_mut().zip(row) {
+                        *sum += weight * g.to_f64().unwrap_or(f64::NAN);
+                    }
                 }
             }
-        }
-        let layer_scores: Vec<f64> = base.neurons[layer]
-            .iter()
-            .zip(&gradient_sum)
-            .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
-            .collect();
-        completeness.push(Completeness {
-            layer,
-            sum: layer_scores.iter().sum(),
-            target: p1 - p0,
-        });
-        scores.push(layer_scores.into_iter().map(|s| s as f32).collect());
-    }
+            let layer_scores: Vec<f64> = base.neurons[layer]
+                .iter()
+                .zip(&gradient_sum)
+                .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
+                .collect();
+            let completeness = Completeness {
+                layer,
+                sum: layer_scores.iter().sum(),
+                target: p1 - p0,
+            };
+            (
+                layer_scores.into_iter().map(|s| s as f32).collect(),
+                completeness,
+            )
+        })
+        .collect();
+    let (scores, completeness) = per_layer.into_iter().unzip();
     PromptAttribution {
         gold_probability: p1,
         scores,

@@ -182,6 +182,23 @@ impl<'a> Attributor<'a> {
         })
     }
 
+    /// Every neuron's score (all layers, signed) for one prompt and answer.
+    pub fn scores(&self, prompt: &str, answer: &str) -> Result<ig::PromptAttribution> {
+        let answer_id = self.lm.tokenizer.answer_id(answer)?;
+        let (ids, mask) = self.check_prompt(prompt, answer, answer_id)?;
+        self.scores_of(&ids, mask, answer_id)
+    }
+
+    fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
+        let base = self.engine.base_forward(self.embed::<f32>(ids)?, mask);
+        Ok(match self.options.method {
+            Method::IntegratedGradients => {
+                ig::integrated_gradients(&self.engine, &base, answer_id as usize, &self.options.ig)
+            }
+            Method::Activation => ig::activation_scores(&base, answer_id as usize),
+        })
+    }
+
     /// Tokenizes a prompt and checks it against the model and the answer.
     fn check_prompt(
         &self,

@@ -213,6 +213,7 @@ pub fn run_attribute<W: Write>(
             Ok(record) => {
                 out.write(&record)?;
                 summary.written += 1;
+                summary.prompts += record.prompts.len();
                 progress.advance();
             }
             Err(e @ (Error::Prompt(_) | Error::Tokenizer(_))) => {

@@ -192,10 +192,20 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     if let Some(total) = count_pending(&args.fact, &run_options) {
         bar.set_total(total);
     }
+    let started = std::time::Instant::now();
     let summary = run_attribute(&attributor, input, &mut out, &run_options, &bar, &mut |e| {
         bar.0.suspend(|| report(e))
     })?;
     bar.0.finish_and_clear();
+    if !args.model.quiet && summary.prompts > 0 {
+        let seconds = started.elapsed().as_secs_f64();
+        eprintln!(
+            "kn: {} facts, {} prompts in {seconds:.1} s ({:.2} s per prompt, model load excluded)",
+            summary.written,
+            summary.prompts,
+            seconds / summary.prompts as f64
+        );
+    }
     Ok(if summary.failed > 0 {
         Outcome::Failed(summary.failed)
     } else {

@@ -180,10 +180,63 @@ impl ModelFiles {
         })
     }
 
-    /// sha256 of the weights file, hex.
+    /// sha256 of the weights file, hex. Hashing bert-base takes seconds, so the result
+    /// is taken from the hub cache's blob name (the LFS sha256) when the file is one, or
+    /// from kn's own cache keyed by path, size and modification time.
     pub fn weights_sha256(&self) -> Result<String> {
-        sha256_file(self.weights.path())
+        let path = self.weights.path();
+        if let Some(blob) = std::fs::canonicalize(path).ok().and_then(|p| {
+            let name = p.file_name()?.to_str()?.to_string();
+            let in_blobs = p.parent()?.file_name()? == "blobs";
+            (in_blobs && name.len() == 64 && name.bytes().all(|b| b.is_ascii_hexdigit()))
+                .then_some(name)
+        }) {
+            return Ok(blob);
+        }
+        let key = hash_cache_key(path);
+        if let Some((entry, stamp)) = &key {
+            if let Ok(text) = std::fs::read_to_string(entry) {
+                if let Some(hash) = text.strip_prefix(stamp.as_str()) {
+                    return Ok(hash.trim().to_string());
+                }
+            }
+        }
+        let hash = sha256_file(path)?;
+        if let Some((entry, stamp)) = key {
+            // A cache that cannot be written only costs time next run.
+            if let Some(dir) = entry.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            let _ = std::fs::write(entry, format!("{stamp}{hash}\n"));
+        }
+        Ok(hash)
     }
+}
+
+/// Where the cached hash of a weights file lives, and the stamp (canonical path, size,
+/// modification time) that must match for it to be reused. `KN_CACHE_DIR`, else
+/// `$XDG_CACHE_HOME/kn`, else `~/.cache/kn`.
+fn hash_cache_key(path: &Path) -> Option<(PathBuf, String)> {
+    let dir = std::env::var_os("KN_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("kn")))
+        .or_else(|| std::env::var_os("HOME").map(|d| PathBuf::from(d).join(".cache/kn")))?;
+    let canonical = std::fs::canonicalize(path).ok()?;
+    let meta = std::fs::metadata(&canonical).ok()?;
+    let modified = meta
+        .modified()
+        .ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_nanos();
+    let stamp = format!("{}\t{}\t{}\t", canonical.display(), meta.len(), modified);
+    let mut hasher = Sha256::new();
+    hasher.update(stamp.as_bytes());
+    let name: String = hasher.finalize()[..12]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Some((dir.join("sha256").join(name), stamp))
 }
 
 /// sha256 of a file, as lowercase hex.
