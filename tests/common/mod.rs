@@ -20,8 +20,13 @@ pub fn tiny() -> Config {
 
 /// Writes a tiny random model in `layout` under `dir`.
 pub fn tiny_model(dir: &Path, layout: Layout) -> PathBuf {
+    tiny_model_with_std(dir, layout, 0.5)
+}
+
+/// A tiny random model whose weight matrices have standard deviation `std`.
+pub fn tiny_model_with_std(dir: &Path, layout: Layout, std: f32) -> PathBuf {
     let cfg = tiny();
-    let tensors = random_tensors(&cfg, layout, 42, 0.5).expect("random tensors");
+    let tensors = random_tensors(&cfg, layout, 42, std).expect("random tensors");
     write_checkpoint(dir, &cfg, TINY_VOCAB, &tensors).expect("write checkpoint");
     dir.to_path_buf()
 }

@@ -1,0 +1,360 @@
+//! `kn attribute` and `kn refine` end to end on tiny random models: output records,
+//! resume after a kill, shards, re-selection, completeness of the quadrature rules,
+//! and bad input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use kn::attribution::ig::Rule;
+use kn::attribution::record::{FactRecord, Method};
+use kn::attribution::{AttributeOptions, Attributor};
+use kn::model::random::Layout;
+use predicates::str::contains;
+
+const FACTS: &str = r#"{"id": "fr", "relation": "capital", "answer": "paris", "prompts": ["the capital of france is [MASK] .", "[MASK] is the capital of france .", "the city of [MASK] is the capital of france ."]}
+{"id": "de", "relation": "capital", "answer": "berlin", "prompts": ["the capital of germany is [MASK] .", "[MASK] is the capital of germany .", "the city of [MASK] is the capital of germany ."]}
+{"id": "it", "relation": "capital", "answer": "rome", "prompts": ["the capital of italy is [MASK] .", "[MASK] is the capital of italy .", "the city of [MASK] is the capital of italy ."]}
+{"relation": "country", "answer": "france", "prompts": ["paris is the capital of [MASK] .", "the city of paris is in [MASK] .", "[MASK] has the capital paris ."]}
+{"id": 5, "relation": "country", "answer": "germany", "prompts": ["berlin is the capital of [MASK] .", "the city of berlin is in [MASK] .", "[MASK] has the capital berlin ."]}
+{"id": "six", "relation": "country", "answer": "italy", "prompts": ["rome is the capital of [MASK] .", "the city of rome is in [MASK] .", "[MASK] has the capital rome ."]}
+"#;
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    model: PathBuf,
+    facts: PathBuf,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let model = common::tiny_model(&root.join("model"), Layout::default());
+    let facts = root.join("facts.jsonl");
+    std::fs::write(&facts, FACTS).unwrap();
+    Setup {
+        _dir: dir,
+        root,
+        model,
+        facts,
+    }
+}
+
+fn attribute(s: &Setup, out: &Path, extra: &[&str]) -> assert_cmd::assert::Assert {
+    common::kn()
+        .args(["attribute", "--quiet", "--model"])
+        .arg(&s.model)
+        .arg("--fact")
+        .arg(&s.facts)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .assert()
+}
+
+fn records(path: &Path) -> Vec<FactRecord> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn records_hold_neurons_evidence_and_provenance() {
+    let s = setup();
+    let out = s.root.join("kn.jsonl");
+    attribute(&s, &out, &[]).success();
+    let recs = records(&out);
+    assert_eq!(recs.len(), 6);
+    assert_eq!(recs[3].id, 4, "a fact without id is named by its line");
+    let sha = kn::model::load::sha256_file(&s.model.join("model.safetensors")).unwrap();
+    for r in &recs {
+        assert_eq!(r.model.weights_sha256, sha);
+        assert_eq!(r.params.steps, Some(20));
+        assert_eq!(r.params.rule, Some(Rule::Left));
+        assert_eq!(
+            (r.params.threshold, r.params.share, r.params.min_prompts),
+            (0.2, 0.7, 3)
+        );
+        assert_eq!(r.kn_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!(r.prompts.len(), 3);
+        for p in &r.prompts {
+            // Coarse = score ≥ 0.2 · max, kept = [0.1, 0.2) · max, best first.
+            assert!(p.max_score > 0.0);
+            assert_eq!(p.coarse[0].score, p.max_score);
+            assert!(p.coarse.iter().all(|n| n.score >= 0.2 * p.max_score));
+            assert!(p
+                .kept
+                .iter()
+                .all(|n| n.score < 0.2 * p.max_score && n.score >= 0.1 * p.max_score));
+            assert!(p.coarse.windows(2).all(|w| w[0].score >= w[1].score));
+            assert_eq!(p.completeness.len(), 2);
+            assert!(p.completeness_error.is_some());
+        }
+        // Refined neurons are coarse in every prompt here (3 prompts, floor 3).
+        for n in &r.refined {
+            assert_eq!(n.prompts, 3);
+            for p in &r.prompts {
+                assert!(p
+                    .coarse
+                    .iter()
+                    .any(|c| (c.layer, c.index) == (n.layer, n.index)));
+            }
+        }
+    }
+    assert!(
+        recs.iter().any(|r| !r.refined.is_empty()),
+        "no refined neuron at all"
+    );
+}
+
+/// A run killed while writing, then resumed, ends with exactly the output of one
+/// straight run; a cut-off last line is dropped and redone.
+#[test]
+fn killed_then_resumed_equals_a_straight_run() {
+    let s = setup();
+    let straight = s.root.join("straight.jsonl");
+    attribute(&s, &straight, &[]).success();
+    let expected = std::fs::read_to_string(&straight).unwrap();
+
+    let resumed = s.root.join("resumed.jsonl");
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("kn"))
+        .args(["attribute", "--quiet", "--model"])
+        .arg(&s.model)
+        .arg("--fact")
+        .arg(&s.facts)
+        .arg("--out")
+        .arg(&resumed)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while std::fs::read_to_string(&resumed).map_or(0, |t| t.lines().count()) < 2 {
+        assert!(start.elapsed() < Duration::from_secs(120), "no output");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let partial = std::fs::read_to_string(&resumed).unwrap();
+    let done = partial.lines().count();
+    assert!(done < 6, "killed too late to test anything ({done} lines)");
+    // As if killed in the middle of a write: half a record at the end.
+    let next = expected.lines().nth(partial.matches('\n').count()).unwrap();
+    std::fs::write(&resumed, format!("{partial}{}", &next[..next.len() / 2])).unwrap();
+
+    attribute(&s, &resumed, &["--resume"]).success();
+    assert_eq!(std::fs::read_to_string(&resumed).unwrap(), expected);
+}
+
+#[test]
+fn resume_refuses_other_parameters_and_existing_output_is_protected() {
+    let s = setup();
+    let out = s.root.join("kn.jsonl");
+    attribute(&s, &out, &["--steps", "4"]).success();
+    let before = std::fs::read(&out).unwrap();
+    attribute(&s, &out, &["--steps", "5", "--resume"])
+        .code(1)
+        .stderr(contains(format!(
+            "{}:1: written with other parameters",
+            out.display()
+        )))
+        .stderr(contains("refusing to --resume"));
+    attribute(&s, &out, &["--steps", "4"])
+        .code(1)
+        .stderr(contains("exists; use --resume"));
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "nothing already written is lost"
+    );
+    attribute(&s, &out, &["--steps", "4", "--resume"]).success();
+    assert_eq!(
+        std::fs::read(&out).unwrap(),
+        before,
+        "everything was done already"
+    );
+}
+
+#[test]
+fn shards_split_the_facts_and_concatenate_to_the_whole() {
+    let s = setup();
+    let whole = s.root.join("whole.jsonl");
+    attribute(&s, &whole, &["--steps", "4"]).success();
+    let mut ids: Vec<String> = Vec::new();
+    let mut by_id = std::collections::HashMap::new();
+    for k in 1..=3 {
+        let out = s.root.join(format!("shard{k}.jsonl"));
+        attribute(&s, &out, &["--steps", "4", "--shard", &format!("{k}/3")]).success();
+        for r in records(&out) {
+            ids.push(r.id.to_string());
+            by_id.insert(r.id.to_string(), r);
+        }
+    }
+    let all = records(&whole);
+    assert_eq!(
+        ids.len(),
+        all.len(),
+        "shards overlap or miss facts: {ids:?}"
+    );
+    for r in all {
+        assert_eq!(by_id[&r.id.to_string()], r);
+    }
+    attribute(&s, &s.root.join("x.jsonl"), &["--shard", "4/3"])
+        .code(2)
+        .stderr(contains("K/N"));
+}
+
+/// `kn refine` at other settings gives what `kn attribute` gives at those settings.
+#[test]
+fn refine_reselects_without_recomputing() {
+    let s = setup();
+    let base = s.root.join("base.jsonl");
+    attribute(&s, &base, &["--steps", "4"]).success();
+    let direct = s.root.join("direct.jsonl");
+    attribute(
+        &s,
+        &direct,
+        &[
+            "--steps",
+            "4",
+            "--threshold",
+            "0.3",
+            "--share",
+            "0.5",
+            "--min-prompts",
+            "2",
+        ],
+    )
+    .success();
+    let refined = common::kn()
+        .args([
+            "refine",
+            "--threshold",
+            "0.3",
+            "--share",
+            "0.5",
+            "--min-prompts",
+            "2",
+            "--input",
+        ])
+        .arg(&base)
+        .assert()
+        .success();
+    let got: Vec<FactRecord> = String::from_utf8_lossy(&refined.get_output().stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got, records(&direct));
+
+    common::kn()
+        .args(["refine", "--threshold", "0.05", "--input"])
+        .arg(&base)
+        .assert()
+        .code(1)
+        .stderr(contains("below the 0.1 down to which its scores were kept"));
+
+    let adaptive = common::kn()
+        .args(["refine", "--adaptive", "--input"])
+        .arg(&base)
+        .assert()
+        .success();
+    for line in String::from_utf8_lossy(&adaptive.get_output().stdout).lines() {
+        let r: FactRecord = serde_json::from_str(line).unwrap();
+        assert_eq!(r.params.adaptive, Some(true));
+        let steps = (r.params.share - 0.7) / 0.05;
+        assert!(
+            (steps - steps.round()).abs() < 1e-9 && steps.abs() <= 6.0 + 1e-9,
+            "{}",
+            r.params.share
+        );
+    }
+}
+
+/// Σ attributions = P(1) − P(0): midpoint and Gauss–Legendre reach 0.1% where the
+/// left Riemann sum (the released code) does not, at the same m = 20.
+#[test]
+fn midpoint_and_gauss_are_complete_where_left_is_not() {
+    const STD: f32 = 0.2;
+    // Weights of σ = 0.2: with σ = 0.5 the random network's P(α) is so rough that the
+    // midpoint rule needs more than 20 points (3.8% error there; Gauss 0.015%).
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model_with_std(dir.path(), Layout::default(), STD);
+    let files = kn::model::ModelFiles::locate(&kn::model::ModelSource::Local(model)).unwrap();
+    let lm =
+        kn::model::LoadedModel::load(files, candle_core::DType::F32, &candle_core::Device::Cpu)
+            .unwrap();
+    let worst = |rule: Rule| -> f64 {
+        let mut options = AttributeOptions::paper(Method::IntegratedGradients);
+        options.ig.rule = rule;
+        let attributor = Attributor::new(&lm, options).unwrap();
+        let mut worst = 0f64;
+        for prompt in [
+            "the capital of france is [MASK] .",
+            "[MASK] is the capital of germany .",
+        ] {
+            for c in attributor.scores(prompt, "paris").unwrap().completeness {
+                assert!(
+                    c.target.abs() > 1e-3,
+                    "layer {}: target too small to judge",
+                    c.layer
+                );
+                worst = worst.max(c.relative_error());
+            }
+        }
+        worst
+    };
+    let (left, midpoint, gauss) = (worst(Rule::Left), worst(Rule::Midpoint), worst(Rule::Gauss));
+    // Measured: left 1.8%, midpoint 0.024%, Gauss 0.00025%.
+    assert!(left > 1e-2, "left {left}");
+    assert!(midpoint <= 1e-3, "midpoint {midpoint}");
+    assert!(gauss <= 1e-3, "gauss {gauss}");
+}
+
+#[test]
+fn bad_facts_are_reported_and_the_rest_written() {
+    let s = setup();
+    let facts = s.root.join("bad.jsonl");
+    std::fs::write(
+        &facts,
+        [
+            r#"{"id": "ok", "answer": "paris", "prompts": ["the capital of france is [MASK] ."]}"#,
+            r#"{"id": "no-prompts", "answer": "paris", "prompts": []}"#,
+            r#"{"id": "no-answer", "prompts": ["the [MASK] ."]}"#,
+            r#"{"id": "two-tokens", "answer": "capitals", "prompts": ["the [MASK] ."]}"#,
+            r#"{"id": "glued", "answer": "city", "prompts": ["the capital of france is [MASK] .", "the [MASK]s of france ."]}"#,
+            r#"{"id": "no-mask", "answer": "paris", "prompts": ["the capital of france is paris ."]}"#,
+            "[1, 2",
+        ]
+        .join("\n"),
+    )
+    .unwrap();
+    let shown = facts.display().to_string();
+    let out = common::kn()
+        .args(["attribute", "--steps", "2", "--model"])
+        .arg(&s.model)
+        .arg("--fact")
+        .arg(&facts)
+        .assert()
+        .code(1)
+        .stderr(contains(format!("{shown}:2: the fact has no prompts")))
+        .stderr(contains(format!("{shown}:3: the fact has no \"answer\"")))
+        .stderr(contains(format!(r###"{shown}:4: answer "capitals" is not a single token of the vocabulary: it becomes ["capital", "##s"]"###)))
+        .stderr(contains(format!(r###"{shown}:5: prompt 2: the answer "city" does not stand as its own token here"###)))
+        .stderr(contains(format!("{shown}:6: prompt 1: prompt has no [MASK]")))
+        .stderr(contains(format!("{shown}:7: not a valid record")));
+    let written = common::json_lines(&out.get_output().stdout);
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0]["id"], "ok");
+}
+
+#[test]
+fn resume_needs_a_file() {
+    let s = setup();
+    attribute(&s, Path::new("-"), &["--resume"])
+        .code(1)
+        .stderr(contains("--resume needs --out FILE"));
+}
