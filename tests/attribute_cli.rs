@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use candle_core::{DType, Device};
 use kn::attribution::ig::Rule;
 use kn::attribution::record::{FactRecord, Method};
 use kn::attribution::{AttributeOptions, Attributor};
@@ -283,14 +284,13 @@ fn midpoint_and_gauss_are_complete_where_left_is_not() {
     // midpoint rule needs more than 20 points (3.8% error there; Gauss 0.015%).
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model_with_std(dir.path(), Layout::default(), STD);
-    let files = kn::model::ModelFiles::locate(&kn::model::ModelSource::Local(model)).unwrap();
-    let lm =
-        kn::model::LoadedModel::load(files, candle_core::DType::F32, &candle_core::Device::Cpu)
-            .unwrap();
     let worst = |rule: Rule| -> f64 {
+        let source = kn::model::ModelSource::Local(model.clone());
+        let files = kn::model::ModelFiles::locate(&source).unwrap();
+        let lm = kn::model::LoadedModel::load(files, DType::F32, &Device::Cpu).unwrap();
         let mut options = AttributeOptions::paper(Method::IntegratedGradients);
         options.ig.rule = rule;
-        let attributor = Attributor::new(&lm, options).unwrap();
+        let attributor = Attributor::new(lm, options).unwrap();
         let mut worst = 0f64;
         for prompt in [
             "the capital of france is [MASK] .",

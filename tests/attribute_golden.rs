@@ -85,7 +85,7 @@ fn integrated_gradients_match_pytorch_float64() {
     let mut options = AttributeOptions::paper(Method::IntegratedGradients);
     // Store every neuron with a positive score, so the top 50 can be looked up.
     options.keep = 0.0;
-    let attributor = Attributor::new(&lm, options).unwrap();
+    let attributor = Attributor::new(lm, options).unwrap();
     let mut compared = 0;
     for g in golden.facts.iter().filter(|f| f.id == "cys22") {
         let record = attributor.attribute(&fact(g)).unwrap();
@@ -168,7 +168,7 @@ fn integrated_gradients_match_pytorch_float64() {
 fn activation_method_matches_pytorch() {
     let golden = golden();
     let lm = antiberty();
-    let attributor = Attributor::new(&lm, AttributeOptions::paper(Method::Activation)).unwrap();
+    let attributor = Attributor::new(lm, AttributeOptions::paper(Method::Activation)).unwrap();
     for g in &golden.facts {
         let record = attributor.attribute(&fact(g)).unwrap();
         for (ours, theirs) in record.prompts.iter().zip(&g.prompts) {

@@ -87,23 +87,32 @@ pub struct Fact {
 }
 
 /// Attributes facts with one loaded model.
-pub struct Attributor<'a> {
-    lm: &'a LoadedModel,
+pub struct Attributor {
+    lm: LoadedModel,
     engine: Engine<f32>,
     options: AttributeOptions,
     model_info: ModelInfo,
 }
 
-impl<'a> Attributor<'a> {
+impl Attributor {
     /// Prepares the engine (a copy of the weights in flat buffers) and hashes the weights.
-    pub fn new(lm: &'a LoadedModel, options: AttributeOptions) -> Result<Self> {
-        let model_info = model_info(lm)?;
+    /// The model's own copies of the encoder layers are dropped: only its embeddings and
+    /// tokenizer are used from here on, and bert-base's layers are 340 MB.
+    pub fn new(mut lm: LoadedModel, options: AttributeOptions) -> Result<Self> {
+        let model_info = model_info(&lm)?;
+        let engine = Engine::new(&lm.model)?;
+        lm.model.layers.clear();
         Ok(Self {
             lm,
-            engine: Engine::new(&lm.model)?,
+            engine,
             options,
             model_info,
         })
+    }
+
+    /// The loaded model (its encoder layers are dropped; embeddings, head and tokenizer remain).
+    pub fn model(&self) -> &LoadedModel {
+        &self.lm
     }
 
     /// The model as recorded in the output.

@@ -166,7 +166,7 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     }
     let input = JsonlInput::open(&args.fact)?;
     let lm = args.model.load()?;
-    let attributor = Attributor::new(&lm, options)?;
+    let attributor = Attributor::new(lm, options)?;
     let mut run_options = RunOptions {
         shard: args.shard,
         fail_fast: args.fail_fast,
