@@ -23,7 +23,7 @@ use std::io::Write;
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-use crate::data::{JsonlInput, JsonlWriter};
+use crate::data::{JsonlInput, JsonlWriter, LineErrors};
 use crate::error::{Error, Result};
 use crate::model::{FfnHook, LoadedModel};
 
@@ -188,37 +188,15 @@ pub fn run_predict<W: Write>(
     report: &mut dyn FnMut(&Error),
 ) -> Result<RunSummary> {
     let mut summary = RunSummary::default();
-    let mut fail = |e: Error, summary: &mut RunSummary| -> Result<()> {
-        summary.failed += 1;
-        if options.fail_fast {
-            return Err(e);
-        }
-        report(&e);
-        Ok(())
-    };
+    let mut errors = LineErrors::new(options.fail_fast, report);
     let mut lines = input;
-    while let Some(item) = lines.next() {
-        let (line, text) = match item {
-            Ok(x) => x,
-            Err(e @ Error::Io { .. }) => return Err(e),
-            Err(e) => {
-                fail(e, &mut summary)?;
-                continue;
-            }
-        };
-        let record: PromptLine = match lines.parse(line, &text) {
-            Ok(r) => r,
-            Err(e) => {
-                fail(e, &mut summary)?;
-                continue;
-            }
-        };
+    while let Some((line, record)) = lines.next_record::<PromptLine>(&mut errors)? {
         let answer = record.answer.clone();
         let id = record.id.clone();
         let prompts = match record.into_prompts() {
             Ok(p) => p,
             Err(reason) => {
-                fail(lines.error(line, reason), &mut summary)?;
+                errors.fail(lines.error(line, reason))?;
                 continue;
             }
         };
@@ -229,7 +207,7 @@ pub fn run_predict<W: Write>(
         {
             Ok(a) => a,
             Err(e) => {
-                fail(lines.error(line, e), &mut summary)?;
+                errors.fail(lines.error(line, e))?;
                 continue;
             }
         };
@@ -237,7 +215,7 @@ pub fn run_predict<W: Write>(
             let dist = match mask_distribution(lm, &prompt, &()) {
                 Ok(d) => d,
                 Err(e @ (Error::Prompt(_) | Error::Tokenizer(_))) => {
-                    fail(lines.error(line, e), &mut summary)?;
+                    errors.fail(lines.error(line, e))?;
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -267,5 +245,6 @@ pub fn run_predict<W: Write>(
             summary.prompts += 1;
         }
     }
+    summary.failed = errors.failed;
     Ok(summary)
 }

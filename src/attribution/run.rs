@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::record::{FactLine, ModelInfo, Params};
 use super::{Attributor, Fact};
-use crate::data::{JsonlInput, JsonlWriter};
+use crate::data::{JsonlInput, JsonlWriter, LineErrors};
 use crate::error::{Error, Result};
 use crate::predict::RunSummary;
 
@@ -173,31 +173,8 @@ pub fn run_attribute<W: Write>(
     report: &mut dyn FnMut(&Error),
 ) -> Result<RunSummary> {
     let mut summary = RunSummary::default();
-    let mut fail = |e: Error, summary: &mut RunSummary| -> Result<()> {
-        summary.failed += 1;
-        progress.advance();
-        if options.fail_fast {
-            return Err(e);
-        }
-        report(&e);
-        Ok(())
-    };
-    while let Some(item) = input.next() {
-        let (line, text) = match item {
-            Ok(x) => x,
-            Err(e @ Error::Io { .. }) => return Err(e),
-            Err(e) => {
-                fail(e, &mut summary)?;
-                continue;
-            }
-        };
-        let parsed: FactLine = match input.parse(line, &text) {
-            Ok(f) => f,
-            Err(e) => {
-                fail(e, &mut summary)?;
-                continue;
-            }
-        };
+    let mut errors = LineErrors::new(options.fail_fast, report);
+    while let Some((line, parsed)) = input.next_record::<FactLine>(&mut errors)? {
         let id = fact_id(&parsed, line);
         if !options.wants(&id) {
             continue;
@@ -205,23 +182,27 @@ pub fn run_attribute<W: Write>(
         let fact = match into_fact(parsed, id) {
             Ok(f) => f,
             Err(reason) => {
-                fail(input.error(line, reason), &mut summary)?;
+                progress.advance();
+                errors.fail(input.error(line, reason))?;
                 continue;
             }
         };
-        match attributor.attribute(&fact) {
+        let outcome = attributor.attribute(&fact);
+        progress.advance();
+        match outcome {
             Ok(record) => {
                 out.write(&record)?;
                 summary.written += 1;
                 summary.prompts += record.prompts.len();
-                progress.advance();
             }
+            // About this fact (its answer or prompts): report it and go on.
             Err(e @ (Error::Prompt(_) | Error::Tokenizer(_))) => {
-                fail(input.error(line, e), &mut summary)?
+                errors.fail(input.error(line, e))?
             }
             Err(e) => return Err(e),
         }
     }
+    summary.failed = errors.failed;
     Ok(summary)
 }
 

@@ -63,6 +63,56 @@ impl JsonlInput {
     }
 }
 
+impl JsonlInput {
+    /// The next line that parses as `T`, with its line number. Lines that do not parse
+    /// go to `errors` (which may stop the run); `None` at the end of the input; an I/O
+    /// error ends the run.
+    pub fn next_record<T: DeserializeOwned>(
+        &mut self,
+        errors: &mut LineErrors,
+    ) -> Result<Option<(usize, T)>> {
+        while let Some(item) = self.next() {
+            let parsed = item.and_then(|(line, text)| Ok((line, self.parse(line, &text)?)));
+            match parsed {
+                Ok(record) => return Ok(Some(record)),
+                Err(e @ Error::Io { .. }) => return Err(e),
+                Err(e) => errors.fail(e)?,
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// What to do with a bad input line: report it and go on (ripgrep's way), or stop at
+/// the first (`--fail-fast`). Counts the failures.
+pub struct LineErrors<'a> {
+    fail_fast: bool,
+    report: &'a mut dyn FnMut(&Error),
+    /// Bad lines so far.
+    pub failed: usize,
+}
+
+impl<'a> LineErrors<'a> {
+    /// `report` is called once per bad line unless `fail_fast`.
+    pub fn new(fail_fast: bool, report: &'a mut dyn FnMut(&Error)) -> Self {
+        Self {
+            fail_fast,
+            report,
+            failed: 0,
+        }
+    }
+
+    /// Records a bad line: `Err` (the same error) when the run must stop.
+    pub fn fail(&mut self, error: Error) -> Result<()> {
+        self.failed += 1;
+        if self.fail_fast {
+            return Err(error);
+        }
+        (self.report)(&error);
+        Ok(())
+    }
+}
+
 impl Iterator for JsonlInput {
     /// `(1-based line number, text)`; blank lines are skipped.
     type Item = Result<(usize, String)>;

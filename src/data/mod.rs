@@ -2,4 +2,4 @@
 
 pub mod jsonl;
 
-pub use jsonl::{JsonlInput, JsonlWriter};
+pub use jsonl::{JsonlInput, JsonlWriter, LineErrors};
