@@ -7,6 +7,7 @@
 //! only the mask row in the top layer), `H` hidden, `I` intermediate (neurons), `V`
 //! vocabulary. Matrices are row-major; weights keep PyTorch's `[out, in]` layout.
 
+use std::borrow::Cow;
 use std::fmt::Debug;
 use std::ops::AddAssign;
 
@@ -721,7 +722,7 @@ impl<F: Real> Engine<F> {
         let v = block.value.forward(x, batch * seq);
         let (context, probs) = self.attention(&q, &k, &v, batch, seq, nq);
         let mut attn = block.attn_out.forward(&context, batch * nq);
-        for (a, &r) in attn.iter_mut().zip(&x_q) {
+        for (a, &r) in attn.iter_mut().zip(x_q.iter()) {
             *a += r;
         }
         let (attended, attn_norm) = block.attn_norm.forward(&attn);
@@ -935,10 +936,16 @@ fn heads_to_rows<F: Real>(x: &[F], batch: usize, heads: usize, rows: usize, d: u
     out
 }
 
-/// The query rows of `x [B·S, H]`: all of them, or one position per batch item.
-fn query_rows<F: Real>(x: &[F], batch: usize, seq: usize, h: usize, rows: Rows) -> (usize, Vec<F>) {
+/// The query rows of `x [B·S, H]`: all of them (borrowed), or one position per batch item.
+fn query_rows<F: Real>(
+    x: &[F],
+    batch: usize,
+    seq: usize,
+    h: usize,
+    rows: Rows,
+) -> (usize, Cow<'_, [F]>) {
     match rows {
-        Rows::All => (seq, x.to_vec()),
+        Rows::All => (seq, Cow::Borrowed(x)),
         Rows::One(p) => (
             1,
             (0..batch)

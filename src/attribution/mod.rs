@@ -226,14 +226,14 @@ impl Attributor {
         }
         // The answer must be its own token in this prompt: written in place of the mask,
         // it must tokenize to the prompt's tokens with the answer at the mask.
-        let filled = tokenizer.encode_text(&prompt.replace(MASK_PLACEHOLDER, answer.trim()))?;
+        let (filled, filled_tokens) =
+            tokenizer.encode_text(&prompt.replace(MASK_PLACEHOLDER, answer.trim()))?;
         let mut expected = encoded.ids.clone();
         expected[encoded.mask_position] = answer_id;
-        if filled.ids != expected {
+        if filled != expected {
             return Err(Error::Prompt(format!(
                 "the answer {answer:?} does not stand as its own token here: with it in place of \
-                 {MASK_PLACEHOLDER} the prompt tokenizes as {:?}",
-                filled.tokens
+                 {MASK_PLACEHOLDER} the prompt tokenizes as {filled_tokens:?}"
             )));
         }
         Ok((encoded.ids, encoded.mask_position))

@@ -151,18 +151,13 @@ impl MaskTokenizer {
         }
     }
 
-    /// Tokenizes any text with the model's special tokens (`[CLS] … [SEP]`); the mask
-    /// position is left at 0 and means nothing here.
-    pub fn encode_text(&self, text: &str) -> Result<EncodedPrompt> {
+    /// Tokenizes any text with the model's special tokens (`[CLS] … [SEP]`): ids and tokens.
+    pub fn encode_text(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
         let encoding = self
             .inner
             .encode(text, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(EncodedPrompt {
-            ids: encoding.get_ids().to_vec(),
-            tokens: encoding.get_tokens().to_vec(),
-            mask_position: 0,
-        })
+        Ok((encoding.get_ids().to_vec(), encoding.get_tokens().to_vec()))
     }
 
     /// The id of an answer that must be exactly one vocabulary token.
