@@ -17,7 +17,9 @@
 //! from layer L up only, and a backward pass to L's neurons only (no weight gradients),
 //! in chunks of at most `chunk` points to bound memory.
 
-use rayon::prelude::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
 
 use super::engine::{BaseForward, Engine, Real};
@@ -150,6 +152,9 @@ pub struct PromptAttribution {
     pub completeness: Vec<Completeness>,
 }
 
+/// One layer's scores and completeness.
+type LayerResult = (Vec<f32>, Completeness);
+
 /// Integrated gradients of every neuron of every layer for one prompt.
 pub fn integrated_gradients<F: Real>(
     engine: &Engine<F>,
@@ -164,42 +169,61 @@ pub fn integrated_gradients<F: Real>(
         points.push((0.0, 0.0));
     }
     let width = engine.intermediate();
-    // Layers are independent: integrate them in parallel, one task each (lower layers
-    // cost more; rayon's work stealing balances them).
-    let per_layer: Vec<(Vec<f32>, Completeness)> = (0..engine.layers())
-        .into_par_iter()
-        .with_max_len(1)
-        .map(|layer| {
-            let mut gradient_sum = vec![0f64; width];
-            let mut p0 = f64::NAN;
-            for chunk in points.chunks(options.chunk.max(1)) {
-                let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
-                let (probability, gradients) = engine.scaled_gradients(base, layer, &alphas, gold);
-                for (b, &(alpha, weight)) in chunk.iter().enumerate() {
-                    if alpha == 0.0 {
-                        p0 = probability[b].to_f64().unwrap_or(f64::NAN);
-                    }
-                    let row = &gradients[b * width..(b + 1) * width];
-                    for (sum, &g) in gradient_sum.iter_mut().zip(row) {
-                        *sum += weight * g.to_f64().unwrap_or(f64::NAN);
-                    }
+    // Layers are independent: integrate them in parallel. Lower layers cost more (every
+    // layer above them is run), so workers take layers bottom first from a shared
+    // counter: the greedy longest-first schedule, which leaves at most one short layer's
+    // worth of imbalance. Each layer is computed by one thread: results are deterministic.
+    let integrate = |layer: usize| -> LayerResult {
+        let mut gradient_sum = vec![0f64; width];
+        let mut p0 = f64::NAN;
+        for chunk in points.chunks(options.chunk.max(1)) {
+            let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
+            let (probability, gradients) = engine.scaled_gradients(base, layer, &alphas, gold);
+            for (b, &(alpha, weight)) in chunk.iter().enumerate() {
+                if alpha == 0.0 {
+                    p0 = probability[b].to_f64().unwrap_or(f64::NAN);
+                }
+                let row = &gradients[b * width..(b + 1) * width];
+                for (sum, &g) in gradient_sum.iter_mut().zip(row) {
+                    *sum += weight * g.to_f64().unwrap_or(f64::NAN);
                 }
             }
-            let layer_scores: Vec<f64> = base.neurons[layer]
-                .iter()
-                .zip(&gradient_sum)
-                .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
-                .collect();
-            let completeness = Completeness {
-                layer,
-                sum: layer_scores.iter().sum(),
-                target: p1 - p0,
-            };
-            (
-                layer_scores.into_iter().map(|s| s as f32).collect(),
-                completeness,
-            )
-        })
+        }
+        let layer_scores: Vec<f64> = base.neurons[layer]
+            .iter()
+            .zip(&gradient_sum)
+            .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
+            .collect();
+        let completeness = Completeness {
+            layer,
+            sum: layer_scores.iter().sum(),
+            target: p1 - p0,
+        };
+        (
+            layer_scores.into_iter().map(|s| s as f32).collect(),
+            completeness,
+        )
+    };
+    let layers = engine.layers();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<Option<LayerResult>>> = Mutex::new(vec![None; layers]);
+    rayon::scope(|scope| {
+        for _ in 0..rayon::current_num_threads().min(layers) {
+            scope.spawn(|_| loop {
+                let layer = next.fetch_add(1, Ordering::Relaxed);
+                if layer >= layers {
+                    break;
+                }
+                let result = integrate(layer);
+                results.lock().unwrap_or_else(|e| e.into_inner())[layer] = Some(result);
+            });
+        }
+    });
+    let per_layer: Vec<LayerResult> = results
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .into_iter()
+        .flatten()
         .collect();
     let (scores, completeness) = per_layer.into_iter().unzip();
     PromptAttribution {
