@@ -216,32 +216,12 @@ fn refine_reselects_without_recomputing() {
     let base = s.root.join("base.jsonl");
     attribute(&s, &base, &["--steps", "4"]).success();
     let direct = s.root.join("direct.jsonl");
-    attribute(
-        &s,
-        &direct,
-        &[
-            "--steps",
-            "4",
-            "--threshold",
-            "0.3",
-            "--share",
-            "0.5",
-            "--min-prompts",
-            "2",
-        ],
-    )
-    .success();
+    let settings = ["--threshold", "0.3", "--share", "0.5", "--min-prompts", "2"];
+    attribute(&s, &direct, &[&["--steps", "4"][..], &settings].concat()).success();
     let refined = common::kn()
-        .args([
-            "refine",
-            "--threshold",
-            "0.3",
-            "--share",
-            "0.5",
-            "--min-prompts",
-            "2",
-            "--input",
-        ])
+        .arg("refine")
+        .args(settings)
+        .arg("--input")
         .arg(&base)
         .assert()
         .success();

@@ -193,46 +193,36 @@ mod blas {
         SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
         // SAFETY: the caller checked the slice lengths against m, n and k; the casts
         // only rename F as the type TypeId says it is.
-        unsafe {
-            if TypeId::of::<F>() == TypeId::of::<f32>() {
-                cblas_sgemm(
-                    ROW_MAJOR,
-                    NO_TRANS,
-                    tb,
-                    m,
-                    n,
-                    k,
-                    1.0,
-                    a.as_ptr().cast(),
-                    k,
-                    b.as_ptr().cast(),
-                    ldb,
-                    beta as f32,
-                    c.as_mut_ptr().cast(),
-                    n,
-                );
-                true
-            } else if TypeId::of::<F>() == TypeId::of::<f64>() {
-                cblas_dgemm(
-                    ROW_MAJOR,
-                    NO_TRANS,
-                    tb,
-                    m,
-                    n,
-                    k,
-                    1.0,
-                    a.as_ptr().cast(),
-                    k,
-                    b.as_ptr().cast(),
-                    ldb,
-                    beta,
-                    c.as_mut_ptr().cast(),
-                    n,
-                );
-                true
-            } else {
-                false
-            }
+        macro_rules! call {
+            ($gemm:ident, $t:ty) => {
+                unsafe {
+                    $gemm(
+                        ROW_MAJOR,
+                        NO_TRANS,
+                        tb,
+                        m,
+                        n,
+                        k,
+                        1.0,
+                        a.as_ptr().cast(),
+                        k,
+                        b.as_ptr().cast(),
+                        ldb,
+                        beta as $t,
+                        c.as_mut_ptr().cast(),
+                        n,
+                    )
+                }
+            };
+        }
+        if TypeId::of::<F>() == TypeId::of::<f32>() {
+            call!(cblas_sgemm, f32);
+            true
+        } else if TypeId::of::<F>() == TypeId::of::<f64>() {
+            call!(cblas_dgemm, f64);
+            true
+        } else {
+            false
         }
     }
 }
