@@ -17,7 +17,7 @@ use crate::model::LoadedModel;
 use engine::{Engine, Real};
 use ig::{IgOptions, Rule};
 use record::{FactRecord, Method, ModelInfo, Params, PromptRecord};
-use select::{above, max_score, refine};
+use select::{above, max_score, refine, split_at_threshold};
 
 /// Everything that decides what `kn attribute` computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +57,12 @@ impl AttributeOptions {
         }
     }
 
+    /// Neurons down to this fraction of the max are stored: `keep`, but never above the
+    /// threshold (coarse neurons are always stored).
+    pub fn stored_fraction(&self) -> f64 {
+        self.keep.min(self.threshold)
+    }
+
     /// The parameters as recorded in the output.
     pub fn params(&self) -> Params {
         let ig = self.method == Method::IntegratedGradients;
@@ -67,7 +73,7 @@ impl AttributeOptions {
             threshold: self.threshold,
             share: self.share,
             min_prompts: self.min_prompts,
-            keep: self.keep.min(self.threshold),
+            keep: self.stored_fraction(),
             adaptive: None,
         }
     }
@@ -145,22 +151,10 @@ impl Attributor {
             })
             .collect::<Result<Vec<_>>>()?;
         for (prompt, (ids, mask)) in fact.prompts.iter().zip(encoded) {
-            let base = self.engine.base_forward(self.embed::<f32>(&ids)?, mask);
-            let attribution = match self.options.method {
-                Method::IntegratedGradients => ig::integrated_gradients(
-                    &self.engine,
-                    &base,
-                    answer_id as usize,
-                    &self.options.ig,
-                ),
-                Method::Activation => ig::activation_scores(&base, answer_id as usize),
-            };
+            let attribution = self.scores_of(&ids, mask, answer_id)?;
             let max = max_score(&attribution.scores);
-            let keep = self.options.keep.min(self.options.threshold);
-            let cut = (self.options.threshold * f64::from(max)) as f32;
-            let (coarse, kept): (Vec<_>, Vec<_>) = above(&attribution.scores, keep)
-                .into_iter()
-                .partition(|s| s.score >= cut);
+            let stored = above(&attribution.scores, self.options.stored_fraction());
+            let (coarse, kept) = split_at_threshold(stored, max, self.options.threshold);
             coarse_sets.push((max, coarse.clone()));
             let completeness_error = attribution
                 .completeness

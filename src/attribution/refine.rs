@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::record::FactRecord;
-use super::select::{adaptive_share, refine, sort_by_score, ScoredNeuron};
+use super::select::{adaptive_share, refine, sort_by_score, split_at_threshold, ScoredNeuron};
 use crate::error::{Error, Result};
 
 /// New selection parameters.
@@ -36,14 +36,13 @@ pub fn reselect(mut records: Vec<FactRecord>, how: &Reselect) -> Result<Vec<Fact
             )));
         }
         for prompt in &mut record.prompts {
-            let cut = (threshold * f64::from(prompt.max_score)) as f32;
             let mut all: Vec<ScoredNeuron> = prompt
                 .coarse
                 .drain(..)
                 .chain(prompt.kept.drain(..))
                 .collect();
             sort_by_score(&mut all);
-            let (coarse, kept) = all.into_iter().partition(|s| s.score >= cut);
+            let (coarse, kept) = split_at_threshold(all, prompt.max_score, threshold);
             prompt.coarse = coarse;
             prompt.kept = kept;
         }

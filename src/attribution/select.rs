@@ -46,7 +46,7 @@ pub fn above(scores: &[Vec<f32>], fraction: f64) -> Vec<ScoredNeuron> {
     if max.is_nan() || max <= 0.0 {
         return Vec::new();
     }
-    let cut = (fraction * f64::from(max)) as f32;
+    let cut = cut(max, fraction);
     let mut out: Vec<ScoredNeuron> = scores
         .iter()
         .enumerate()
@@ -63,6 +63,23 @@ pub fn above(scores: &[Vec<f32>], fraction: f64) -> Vec<ScoredNeuron> {
         .collect();
     sort_by_score(&mut out);
     out
+}
+
+/// The score at `fraction · max`, as coarse sets compare against it.
+fn cut(max: f32, fraction: f64) -> f32 {
+    (fraction * f64::from(max)) as f32
+}
+
+/// Splits neurons (highest first) into the coarse set (`score ≥ threshold · max`) and
+/// the rest, keeping their order. `kn attribute` and `kn refine` both select through
+/// this, so that refining reproduces attributing at the same threshold exactly.
+pub fn split_at_threshold(
+    neurons: Vec<ScoredNeuron>,
+    max: f32,
+    threshold: f64,
+) -> (Vec<ScoredNeuron>, Vec<ScoredNeuron>) {
+    let cut = cut(max, threshold);
+    neurons.into_iter().partition(|s| s.score >= cut)
 }
 
 /// Highest score first, ties by (layer, index).
