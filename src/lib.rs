@@ -15,8 +15,10 @@
 pub mod attribution;
 pub mod cli;
 pub mod data;
+pub mod edit;
 pub mod error;
 pub mod model;
 pub mod predict;
+pub mod probe;
 
 pub use error::{Error, Result};

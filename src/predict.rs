@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{JsonlInput, JsonlWriter, LineErrors};
 use crate::error::{Error, Result};
-use crate::model::{FfnHook, LoadedModel};
+use crate::model::{EncodedPrompt, FfnHook, LoadedModel};
 
 /// One input line of `kn predict`.
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +156,49 @@ pub fn mask_distribution(
         mask_position: encoded.mask_position,
         probabilities: probs,
     })
+}
+
+/// Runs several prompts as one padded batch (with `hook` on the neurons) and returns
+/// the distribution at each one's mask, in order. Padded keys get zero attention weight,
+/// so each row equals its own unpadded forward pass.
+pub fn mask_distributions(
+    lm: &LoadedModel,
+    prompts: &[EncodedPrompt],
+    hook: &dyn FfnHook,
+) -> Result<Vec<MaskDistribution>> {
+    let Some(seq) = prompts.iter().map(|p| p.ids.len()).max() else {
+        return Ok(Vec::new());
+    };
+    let max = lm.config.max_position_embeddings;
+    if seq > max {
+        return Err(Error::Prompt(format!(
+            "prompt is {seq} tokens long; the model takes at most {max}"
+        )));
+    }
+    let batch = prompts.len();
+    let mut ids = vec![0u32; batch * seq];
+    let mut keep = vec![0u32; batch * seq];
+    for (b, prompt) in prompts.iter().enumerate() {
+        ids[b * seq..b * seq + prompt.ids.len()].copy_from_slice(&prompt.ids);
+        keep[b * seq..b * seq + prompt.ids.len()].fill(1);
+    }
+    let device = lm.model.device();
+    let ids = Tensor::from_vec(ids, (batch, seq), device)?;
+    let keep = Tensor::from_vec(keep, (batch, seq), device)?;
+    let positions: Vec<usize> = prompts.iter().map(|p| p.mask_position).collect();
+    let probabilities = lm
+        .model
+        .probabilities_at(&ids, Some(&keep), &positions, hook)?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec2::<f32>()?;
+    Ok(positions
+        .into_iter()
+        .zip(probabilities)
+        .map(|(mask_position, probabilities)| MaskDistribution {
+            mask_position,
+            probabilities,
+        })
+        .collect())
 }
 
 /// Options of `kn predict`.

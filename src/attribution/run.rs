@@ -54,13 +54,7 @@ impl std::str::FromStr for Shard {
 impl Shard {
     /// Whether the fact with this id belongs to the shard.
     pub fn contains(&self, id: &serde_json::Value) -> bool {
-        // FNV-1a: stable across platforms and Rust versions, unlike `DefaultHasher`.
-        let hash = id
-            .to_string()
-            .bytes()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-            });
+        let hash = crate::data::stable_id_hash(id);
         (hash % self.count as u64) as usize == self.index - 1
     }
 }

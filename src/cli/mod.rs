@@ -3,7 +3,9 @@
 //! exit codes.
 
 mod attribute;
+mod edit;
 mod predict;
+mod probe;
 
 use std::process::ExitCode;
 
@@ -30,6 +32,12 @@ enum Command {
     Refine(attribute::RefineArgs),
     /// Fill-mask predictions for cloze prompts (JSONL in, JSONL out).
     Predict(predict::PredictArgs),
+    /// Suppress or amplify facts' knowledge neurons and measure the gold probability,
+    /// beside control neurons.
+    Probe(probe::ProbeArgs),
+    /// Update facts or erase relations through their neurons' value slots; write the
+    /// edited model (or restore the original with --revert).
+    Edit(edit::EditArgs),
 }
 
 /// Which model to load, and where to run it.
@@ -53,22 +61,37 @@ struct ModelArgs {
 
 impl ModelArgs {
     fn load(&self) -> anyhow::Result<LoadedModel> {
-        let source = ModelSource::parse(&self.model, self.revision.as_deref())?;
-        let device = self.device.open()?;
-        let files = ModelFiles::locate(&source)?;
-        let lm = LoadedModel::load(files, candle_core::DType::F32, &device)
-            .with_context(|| format!("loading model {source}"))?;
-        if !self.quiet {
-            eprintln!(
-                "kn: model {source}: {} layers × {} neurons, vocabulary {}, on {}",
-                lm.config.num_hidden_layers,
-                lm.config.intermediate_size,
-                lm.config.vocab_size,
-                device_name(&device)
-            );
-        }
-        Ok(lm)
+        load_model(
+            &self.model,
+            self.revision.as_deref(),
+            self.device,
+            self.quiet,
+        )
     }
+}
+
+/// Finds, downloads if needed, and loads a model; says what was loaded unless `quiet`.
+fn load_model(
+    spec: &str,
+    revision: Option<&str>,
+    device: DeviceChoice,
+    quiet: bool,
+) -> anyhow::Result<LoadedModel> {
+    let source = ModelSource::parse(spec, revision)?;
+    let device = device.open()?;
+    let files = ModelFiles::locate(&source)?;
+    let lm = LoadedModel::load(files, candle_core::DType::F32, &device)
+        .with_context(|| format!("loading model {source}"))?;
+    if !quiet {
+        eprintln!(
+            "kn: model {source}: {} layers × {} neurons, vocabulary {}, on {}",
+            lm.config.num_hidden_layers,
+            lm.config.intermediate_size,
+            lm.config.vocab_size,
+            device_name(&device)
+        );
+    }
+    Ok(lm)
 }
 
 fn device_name(device: &candle_core::Device) -> &'static str {
@@ -100,6 +123,8 @@ pub fn main() -> ExitCode {
         Command::Attribute(args) => attribute::run(args),
         Command::Refine(args) => attribute::refine(args),
         Command::Predict(args) => predict::run(args),
+        Command::Probe(args) => probe::run(args),
+        Command::Edit(args) => edit::run(args),
     };
     match outcome {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

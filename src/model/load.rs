@@ -286,6 +286,14 @@ pub fn read_tensors(weights: &WeightsFile) -> Result<Vec<(String, Tensor)>> {
     }
 }
 
+/// Writes tensors as a `model.safetensors` that Python `transformers` also loads: with
+/// the `{"format": "pt"}` metadata it checks for (candle's own writer leaves it out).
+pub fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors.iter(), Some(metadata), path)
+        .map_err(|e| Error::model(path, format!("cannot write weights: {e}")))
+}
+
 /// Maps checkpoint names to the names [`BertMaskedLm::load`] expects: drops the
 /// `bert.` prefix of `BertForMaskedLM` and renames TF-era LayerNorm `gamma`/`beta`.
 pub fn normalize_name(name: &str) -> String {
@@ -299,8 +307,8 @@ pub fn normalize_name(name: &str) -> String {
     }
 }
 
-/// A loaded checkpoint: configuration, tokenizer and model.
-#[derive(Debug)]
+/// A loaded checkpoint: configuration, tokenizer and model. Cloning shares the weights.
+#[derive(Debug, Clone)]
 pub struct LoadedModel {
     /// Where the files came from.
     pub files: ModelFiles,

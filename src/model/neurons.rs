@@ -7,8 +7,11 @@ use candle_core::Tensor;
 use super::bert::{BertMaskedLm, FfnHook};
 use crate::error::{Error, Result};
 
-/// A neuron: unit `index` of layer `layer`'s FFN intermediate output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A neuron: unit `index` of layer `layer`'s FFN intermediate output. In JSON:
+/// `{"layer": 9, "index": 1234}`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct Neuron {
     /// 0-based layer.
     pub layer: usize,

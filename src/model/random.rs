@@ -35,17 +35,40 @@ impl Default for Layout {
     }
 }
 
-/// Deterministic normal samples (SplitMix64 + Box–Muller): the same seed gives the
-/// same weights on every machine.
-struct Normal(u64);
+/// SplitMix64: a small, fast generator whose stream is the same on every machine and
+/// Rust version (weights here, control neurons in `kn probe`).
+#[derive(Debug, Clone)]
+pub struct SplitMix64(pub u64);
 
-impl Normal {
-    fn next_u64(&mut self) -> u64 {
+impl SplitMix64 {
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (n > 0), by rejection so that no value is favoured.
+    pub fn below(&mut self, n: u64) -> u64 {
+        let zone = u64::MAX - u64::MAX % n;
+        loop {
+            let x = self.next_u64();
+            if x < zone {
+                return x % n;
+            }
+        }
+    }
+}
+
+/// Deterministic normal samples (SplitMix64 + Box–Muller): the same seed gives the
+/// same weights on every machine.
+struct Normal(SplitMix64);
+
+impl Normal {
+    fn next_u64(&mut self) -> u64 {
+        self.0.next_u64()
     }
 
     fn uniform(&mut self) -> f64 {
@@ -72,7 +95,7 @@ pub fn random_tensors(
     seed: u64,
     std: f32,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut rng = Normal(seed);
+    let mut rng = Normal(SplitMix64(seed));
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let enc = if layout.bert_prefix { "bert." } else { "" };
     let (ln_w, ln_b) = if layout.gamma_beta {
@@ -166,8 +189,7 @@ pub fn write_checkpoint(
         std::fs::write(&path, vocab.join("\n") + "\n").map_err(|e| Error::io(&path, e))?;
     }
     let path = dir.join("model.safetensors");
-    candle_core::safetensors::save(tensors, &path)
-        .map_err(|e| Error::model(&path, format!("cannot write: {e}")))
+    super::load::write_tensors(tensors, &path)
 }
 
 /// A small configuration for tests: `layers` × `intermediate` neurons.

@@ -103,6 +103,11 @@ impl MaskTokenizer {
         &self.mask_token
     }
 
+    /// The id of the unknown token, when the vocabulary has one.
+    pub fn unk_id(&self) -> Option<u32> {
+        self.unk_id
+    }
+
     /// The token string of an id.
     pub fn token(&self, id: u32) -> String {
         self.inner

@@ -1,0 +1,458 @@
+//! `kn edit`: update facts, erase relations, or revert an edited model.
+
+use std::io::{BufReader, Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use sha2::{Digest, Sha256};
+
+use super::{load_model, report, Outcome};
+use crate::attribution::model_info;
+use crate::data::{JsonlInput, LineErrors, NeuronsFile};
+use crate::edit::eval::{build_report, read_eval_facts, EditedFact, ReportInputs};
+use crate::edit::record::{
+    EditReport, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
+};
+use crate::edit::save::{revert, storage_dtype, write_edited_model};
+use crate::edit::{
+    apply_slots, plan_erase, plan_update, EditPlan, EraseOptions, EraseValue, UpdateOptions,
+    UpdateRequest, UpdateRule,
+};
+use crate::model::{DeviceChoice, LoadedModel};
+use crate::probe::encode_prompts;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum RuleArg {
+    /// The paper: λ1 = λ̂1·‖v‖/‖E_old‖, λ2 = λ̂2·‖v‖/‖E_new‖ (λ̂1 = 1, λ̂2 = 8).
+    Scaled,
+    /// EleutherAI's library: v − f·E_old + f·E_new (f = 2).
+    Fixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ValueArg {
+    /// Zero.
+    Zero,
+    /// The [UNK] token's embedding.
+    Unk,
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("operation").required(true).args(["update", "erase", "revert"]))]
+pub(super) struct EditArgs {
+    /// Model to edit: a local directory or a hub id.
+    #[arg(long, value_name = "DIR|HUB_ID", required_unless_present = "revert")]
+    model: Option<String>,
+    /// Hub revision for a hub id.
+    #[arg(long)]
+    revision: Option<String>,
+    /// Where to run the evaluation: cpu, cuda, cuda:N, or auto.
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]|auto")]
+    device: DeviceChoice,
+    /// Knowledge neurons: `kn attribute` output; `-` reads stdin.
+    #[arg(long, value_name = "FILE|-", required_unless_present = "revert")]
+    neurons: Option<PathBuf>,
+    /// Facts to update (JSONL): the neurons file's ids with "new_answer" (and optionally
+    /// "answer", "relation", "prompts").
+    #[arg(long, value_name = "FILE|-")]
+    update: Option<PathBuf>,
+    /// Relations to erase, comma-separated.
+    #[arg(long, value_name = "RELATION[,…]", value_delimiter = ',')]
+    erase: Vec<String>,
+    /// Restore the model an edited directory was made from (into --out).
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["model", "neurons", "dry_run", "eval"])]
+    revert: Option<PathBuf>,
+    /// The edited model directory to write.
+    #[arg(long, value_name = "DIR", required_unless_present = "dry_run")]
+    out: Option<PathBuf>,
+    /// Edit in memory only: measure, write nothing but --report.
+    #[arg(long)]
+    dry_run: bool,
+    /// Replace an existing --out directory or --report file.
+    #[arg(long)]
+    force: bool,
+    /// Update rule.
+    #[arg(long, value_enum, default_value = "scaled")]
+    rule: RuleArg,
+    /// λ̂1 of the scaled rule.
+    #[arg(long, default_value_t = 1.0)]
+    lambda_old: f64,
+    /// λ̂2 of the scaled rule.
+    #[arg(long, default_value_t = 8.0)]
+    lambda_new: f64,
+    /// f of the fixed rule.
+    #[arg(long, default_value_t = 2.0)]
+    fixed_factor: f64,
+    /// Leave out neurons held by more than this share of the relation's facts.
+    #[arg(long, default_value_t = 0.1)]
+    max_relation_share: f64,
+    /// Edit a fact only if the model's top-1 is its answer on at least this share of its prompts.
+    #[arg(long, default_value_t = 0.5)]
+    min_correct: f64,
+    /// Erase this many of each relation's most frequent refined neurons.
+    #[arg(long, default_value_t = 20)]
+    top: usize,
+    /// What erased value slots become.
+    #[arg(long, value_enum, default_value = "zero")]
+    value: ValueArg,
+    /// Facts (JSONL with relation, answer, prompts) to measure accuracy and perplexity
+    /// on, before and after, in the edited relations and the others.
+    #[arg(long, value_name = "FILE")]
+    eval: Option<PathBuf>,
+    /// Write the metrics as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
+    /// Print nothing on stderr but errors.
+    #[arg(long, short)]
+    quiet: bool,
+}
+
+/// One line of an --update file.
+#[derive(Debug, serde::Deserialize)]
+struct UpdateLine {
+    #[serde(flatten)]
+    fact: crate::attribution::record::FactLine,
+    #[serde(default)]
+    new_answer: Option<String>,
+}
+
+pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
+    // Refuse existing outputs before any slow work.
+    if let Some(out) = &args.out {
+        if out.exists() && !args.force {
+            bail!(
+                "{} already exists; pass --force to replace it",
+                out.display()
+            );
+        }
+    }
+    if let Some(path) = &args.report {
+        if path.exists() && !args.force {
+            bail!("{} exists; pass --force to overwrite it", path.display());
+        }
+    }
+    if let Some(dir) = &args.revert {
+        let out = args.out.as_deref().context("--revert needs --out")?;
+        let edits = revert(dir, out, args.force)?;
+        if !args.quiet {
+            eprintln!(
+                "kn: restored {} value slot(s) of {} into {} (weights sha256 {})",
+                edits.slots.len(),
+                edits.source.model.source,
+                out.display(),
+                edits.restored_sha256
+            );
+        }
+        return Ok(Outcome::Clean);
+    }
+    let neurons_path = args.neurons.as_deref().context("--neurons is required")?;
+    if args.update.as_deref() == Some(Path::new("-")) && neurons_path == Path::new("-") {
+        bail!("--neurons and --update cannot both read stdin");
+    }
+    let neurons = NeuronsFile::read(neurons_path)?;
+    let update_bytes = args.update.as_deref().map(read_input).transpose()?;
+    let spec = args.model.as_deref().context("--model is required")?;
+    let lm = load_model(spec, args.revision.as_deref(), args.device, args.quiet)?;
+    neurons.check_model(&lm.config)?;
+    let model = model_info(&lm)?;
+    let storage = storage_dtype(&lm.files)?;
+    let mut inputs = vec![InputRecord {
+        role: "neurons".into(),
+        path: neurons_path.display().to_string(),
+        sha256: neurons.sha256.clone(),
+    }];
+
+    // Everything the run needs is read and checked before anything is written.
+    let mut bad = 0;
+    let mut report_line = report;
+    let mut errors = LineErrors::new(false, &mut report_line);
+    let (plan, rule, value, edited) = match (&args.update, update_bytes) {
+        (Some(path), Some(bytes)) => {
+            inputs.push(InputRecord {
+                role: "update".into(),
+                path: path.display().to_string(),
+                sha256: hex_sha256(&bytes),
+            });
+            let requests = read_updates(&lm, &neurons, path, bytes, &mut errors)?;
+            bad += errors.failed;
+            let rule = match args.rule {
+                RuleArg::Scaled => UpdateRule::Scaled {
+                    lambda_old: args.lambda_old,
+                    lambda_new: args.lambda_new,
+                },
+                RuleArg::Fixed => UpdateRule::Fixed {
+                    factor: args.fixed_factor,
+                },
+            };
+            let options = UpdateOptions {
+                rule,
+                max_relation_share: args.max_relation_share,
+                min_correct: args.min_correct,
+            };
+            if bad > 0 {
+                bail!(
+                    "{bad} line(s) of {} are not usable (see above); nothing was written",
+                    path.display()
+                );
+            }
+            let plan = plan_update(&lm, &neurons, &requests, &options, storage)?;
+            let edited = edited_facts(&lm, &plan, &requests)?;
+            (plan, Some(rule), None, edited)
+        }
+        _ => {
+            let options = EraseOptions {
+                top: args.top,
+                value: match args.value {
+                    ValueArg::Zero => EraseValue::Zero,
+                    ValueArg::Unk => EraseValue::Unk,
+                },
+            };
+            let plan = plan_erase(&lm, &neurons, &args.erase, &options, storage)?;
+            (plan, None, Some(options.value), Vec::new())
+        }
+    };
+    let eval = match &args.eval {
+        Some(path) => {
+            let mut report_line = report;
+            let mut errors = LineErrors::new(false, &mut report_line);
+            let facts = read_eval_facts(&lm, path, &mut errors)?;
+            if errors.failed > 0 {
+                bail!(
+                    "{} line(s) of {} are not usable (see above); nothing was written",
+                    errors.failed,
+                    path.display()
+                );
+            }
+            inputs.push(InputRecord {
+                role: "eval".into(),
+                path: path.display().to_string(),
+                sha256: crate::model::load::sha256_file(path)?,
+            });
+            Some(facts)
+        }
+        None => None,
+    };
+
+    let after = LoadedModel {
+        model: apply_slots(&lm.model, &plan.slots)?,
+        ..lm.clone()
+    };
+    let report_record = build_report(ReportInputs {
+        before: &lm,
+        after: &after,
+        plan: &plan,
+        rule,
+        value,
+        edited: &edited,
+        eval: eval.as_deref(),
+        model: model.clone(),
+    })?;
+    if let Some(out) = args.out.as_deref().filter(|_| !args.dry_run) {
+        let edits = EditsFile {
+            kn_version: env!("CARGO_PKG_VERSION").to_string(),
+            operation: report_record.operation,
+            rule,
+            value,
+            source: SourceRecord {
+                model,
+                weights_file: lm
+                    .files
+                    .weights
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+            },
+            weights_file: String::new(),
+            weights_sha256: String::new(),
+            restored_sha256: String::new(),
+            inputs,
+            facts: plan.facts.clone(),
+            relations: plan.relations.clone(),
+            skipped: plan.skipped.clone(),
+            slots: Vec::new(),
+            previous_edits: None,
+        };
+        write_edited_model(&lm.files, out, &plan.slots, edits, args.force)
+            .with_context(|| format!("writing the edited model to {}", out.display()))?;
+    }
+    if let Some(path) = &args.report {
+        let text = serde_json::to_string_pretty(&report_record)? + "\n";
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !args.quiet {
+        let mut stderr = std::io::stderr().lock();
+        write_summary(
+            &mut stderr,
+            &plan,
+            &report_record,
+            args.out.as_deref(),
+            args.dry_run,
+        )?;
+    }
+    Ok(Outcome::Clean)
+}
+
+/// The bytes of a file, or of stdin for `-`.
+fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin().read_to_end(&mut bytes)?;
+    } else {
+        bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(bytes)
+}
+
+fn hex_sha256(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Parses the --update file: every line must name a fact of the neurons file and a new
+/// answer, both single tokens, with prompts the model takes.
+fn read_updates<'a>(
+    lm: &LoadedModel,
+    neurons: &'a NeuronsFile,
+    path: &Path,
+    bytes: Vec<u8>,
+    errors: &mut LineErrors,
+) -> anyhow::Result<Vec<UpdateRequest<'a>>> {
+    let mut input = JsonlInput::from_reader(path, Box::new(BufReader::new(Cursor::new(bytes))));
+    let mut requests = Vec::new();
+    while let Some((line, update)) = input.next_record::<UpdateLine>(errors)? {
+        let checked = neurons
+            .resolve(&update.fact, line)
+            .map_err(|reason| input.error(line, reason))
+            .and_then(|fact| {
+                let new_answer = update
+                    .new_answer
+                    .clone()
+                    .ok_or_else(|| input.error(line, "has no \"new_answer\""))?;
+                lm.tokenizer
+                    .answer_id(&fact.answer)
+                    .and_then(|_| lm.tokenizer.answer_id(&new_answer))
+                    .and_then(|_| encode_prompts(lm, &fact.prompts))
+                    .map_err(|e| input.error(line, e))?;
+                Ok(UpdateRequest { fact, new_answer })
+            });
+        match checked {
+            Ok(request) => requests.push(request),
+            Err(e) => errors.fail(e)?,
+        }
+    }
+    Ok(requests)
+}
+
+/// The edited facts, tokenized, for the report.
+fn edited_facts(
+    lm: &LoadedModel,
+    plan: &EditPlan,
+    requests: &[UpdateRequest],
+) -> anyhow::Result<Vec<EditedFact>> {
+    plan.facts
+        .iter()
+        .map(|edit| {
+            let request = requests
+                .iter()
+                .find(|r| r.fact.id == edit.id)
+                .context("an edited fact that was not asked for")?;
+            Ok(EditedFact {
+                prompts: encode_prompts(lm, &request.fact.prompts)?,
+                old_id: lm.tokenizer.answer_id(&edit.answer)?,
+                new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
+            })
+        })
+        .collect()
+}
+
+/// What was done and measured, readably.
+fn write_summary(
+    out: &mut impl Write,
+    plan: &EditPlan,
+    report: &EditReport,
+    dir: Option<&Path>,
+    dry_run: bool,
+) -> std::io::Result<()> {
+    match report.operation {
+        Operation::Update => writeln!(
+            out,
+            "kn: update (rule {}): {} fact(s) edited, {} skipped, {} value slot(s) changed",
+            report.rule.as_deref().unwrap_or("?"),
+            plan.facts.len(),
+            plan.skipped.len(),
+            plan.slots.len()
+        )?,
+        Operation::Erase => writeln!(
+            out,
+            "kn: erase {}: {} value slot(s) set to {}",
+            report.relations.join(", "),
+            plan.slots.len(),
+            match report.value {
+                Some(EraseValue::Unk) => "the [UNK] embedding",
+                _ => "zero",
+            }
+        )?,
+    }
+    for skipped in &plan.skipped {
+        writeln!(out, "kn:   skipped {}: {}", skipped.id, skipped.reason)?;
+    }
+    if let Some(e) = &report.edited_facts {
+        writeln!(
+            out,
+            "edited facts ({} facts, {} prompts)   success  success@5  change rate    MRR",
+            e.facts, e.prompts
+        )?;
+        for (name, m) in [("before", &e.before), ("after", &e.after)] {
+            writeln!(
+                out,
+                "  {:<34} {:>6.1}%  {:>8.1}%  {:>10.1}%  {:>6.3}",
+                name,
+                100.0 * m.success,
+                100.0 * m.success_at_5,
+                100.0 * m.change_rate,
+                m.mrr
+            )?;
+        }
+    }
+    if report.same_relation.is_some() || report.other_relation.is_some() {
+        writeln!(
+            out,
+            "{:<22} {:>6} {:>8}   accuracy before → after   perplexity before → after",
+            "evaluation facts", "facts", "prompts"
+        )?;
+        let row = |out: &mut dyn Write, name: &str, g: &GroupMetrics| {
+            writeln!(
+                out,
+                "  {:<20} {:>6} {:>8}   {:>7.1}% → {:>6.1}%        {:>9.3} → {:>9.3}",
+                name,
+                g.facts,
+                g.prompts,
+                100.0 * g.before.accuracy,
+                100.0 * g.after.accuracy,
+                g.before.perplexity,
+                g.after.perplexity
+            )
+        };
+        let same_name = match report.operation {
+            Operation::Update => "same relation",
+            Operation::Erase => "erased relations",
+        };
+        if let Some(same) = &report.same_relation {
+            row(out, same_name, same)?;
+        }
+        if let Some(other) = &report.other_relation {
+            row(out, "other relations", other)?;
+        }
+        for g in &report.per_relation {
+            row(out, g.relation.as_deref().unwrap_or("(none)"), g)?;
+        }
+    }
+    match dir {
+        Some(dir) if !dry_run => writeln!(out, "kn: wrote {}", dir.display()),
+        _ => writeln!(out, "kn: dry run: nothing written"),
+    }
+}

@@ -1,0 +1,315 @@
+//! Measuring an edit: the new answer on the edited facts, and gold-answer accuracy and
+//! perplexity on evaluation facts of the edited relations and of the others (the
+//! paper's update and erase tables). Every rate is over prompts.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::Path;
+
+use super::record::{
+    AnswerMetrics, EditReport, EditedMetrics, GoldMetrics, GroupMetrics, Operation,
+};
+use super::{EditPlan, EraseValue, UpdateRule};
+use crate::attribution::record::{FactLine, ModelInfo};
+use crate::attribution::run::fact_id;
+use crate::data::{JsonlInput, LineErrors};
+use crate::error::{Error, Result};
+use crate::model::{EncodedPrompt, LoadedModel};
+use crate::predict::{mask_distributions, MaskDistribution};
+use crate::probe::encode_prompts;
+
+/// A fact to evaluate on, tokenized.
+#[derive(Debug, Clone)]
+pub struct EvalFact {
+    /// Its id (line number when absent).
+    pub id: serde_json::Value,
+    /// Its relation.
+    pub relation: Option<String>,
+    /// Gold answer id.
+    pub answer_id: u32,
+    /// Its prompts.
+    pub prompts: Vec<EncodedPrompt>,
+}
+
+/// Reads every fact of an evaluation file. Bad lines are all passed to `errors` (which
+/// may stop at the first); the caller decides whether a file with bad lines is usable.
+pub fn read_eval_facts(
+    lm: &LoadedModel,
+    path: &Path,
+    errors: &mut LineErrors,
+) -> Result<Vec<EvalFact>> {
+    let mut input = JsonlInput::open(path)?;
+    let mut facts = Vec::new();
+    while let Some((line, fact)) = input.next_record::<FactLine>(errors)? {
+        let id = fact_id(&fact, line);
+        let parsed = (|| -> Result<EvalFact> {
+            let answer = fact
+                .answer
+                .as_deref()
+                .ok_or_else(|| Error::Prompt("has no \"answer\"".into()))?;
+            let prompts = match (fact.prompt.clone(), fact.prompts.clone()) {
+                (Some(p), None) => vec![p],
+                (None, Some(ps)) => ps,
+                _ => {
+                    return Err(Error::Prompt(
+                        "needs either \"prompt\" or \"prompts\"".into(),
+                    ))
+                }
+            };
+            Ok(EvalFact {
+                id: id.clone(),
+                relation: fact.relation.clone(),
+                answer_id: lm.tokenizer.answer_id(answer)?,
+                prompts: encode_prompts(lm, &prompts)?,
+            })
+        })();
+        match parsed {
+            Ok(f) => facts.push(f),
+            Err(e) => errors.fail(input.error(line, e))?,
+        }
+    }
+    Ok(facts)
+}
+
+/// Gold-answer counts of some prompts.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct GoldSums {
+    prompts: usize,
+    correct: usize,
+    neg_log_p: f64,
+}
+
+impl GoldSums {
+    fn of(distributions: &[MaskDistribution], gold: u32) -> Self {
+        let mut sums = Self::default();
+        for d in distributions {
+            sums.prompts += 1;
+            sums.correct += usize::from(d.top_k(1).first().map(|t| t.0) == Some(gold));
+            sums.neg_log_p -= probability(d, gold).ln();
+        }
+        sums
+    }
+
+    fn add(&mut self, other: Self) {
+        self.prompts += other.prompts;
+        self.correct += other.correct;
+        self.neg_log_p += other.neg_log_p;
+    }
+
+    fn metrics(&self) -> GoldMetrics {
+        let n = self.prompts.max(1) as f64;
+        GoldMetrics {
+            accuracy: self.correct as f64 / n,
+            perplexity: (self.neg_log_p / n).exp(),
+        }
+    }
+}
+
+/// A token's probability, floored at the smallest normal f32 so that a probability that
+/// underflowed to 0 gives a large but finite perplexity.
+fn probability(d: &MaskDistribution, id: u32) -> f64 {
+    f64::from(d.probabilities[id as usize].max(f32::MIN_POSITIVE))
+}
+
+/// Gold accuracy and perplexity of the evaluation facts before and after, split into
+/// the facts of `relations` (same) and the others (`None` when a group has no fact), and
+/// per relation. Facts whose id is in `exclude` (the edited ones) are left out.
+pub fn evaluate_gold(
+    before: &LoadedModel,
+    after: &LoadedModel,
+    facts: &[EvalFact],
+    relations: &BTreeSet<String>,
+    exclude: &HashSet<String>,
+) -> Result<(
+    Option<GroupMetrics>,
+    Option<GroupMetrics>,
+    Vec<GroupMetrics>,
+)> {
+    #[derive(Default)]
+    struct Group {
+        facts: usize,
+        before: GoldSums,
+        after: GoldSums,
+    }
+    let mut same = Group::default();
+    let mut other = Group::default();
+    let mut per_relation: BTreeMap<Option<String>, Group> = BTreeMap::new();
+    for fact in facts
+        .iter()
+        .filter(|f| !exclude.contains(&f.id.to_string()))
+    {
+        let b = GoldSums::of(
+            &mask_distributions(before, &fact.prompts, &())?,
+            fact.answer_id,
+        );
+        let a = GoldSums::of(
+            &mask_distributions(after, &fact.prompts, &())?,
+            fact.answer_id,
+        );
+        let in_same = fact
+            .relation
+            .as_ref()
+            .is_some_and(|r| relations.contains(r));
+        let groups = [
+            if in_same { &mut same } else { &mut other },
+            per_relation.entry(fact.relation.clone()).or_default(),
+        ];
+        for group in groups {
+            group.facts += 1;
+            group.before.add(b);
+            group.after.add(a);
+        }
+    }
+    let metrics = |relation: Option<String>, g: &Group| GroupMetrics {
+        relation,
+        facts: g.facts,
+        prompts: g.before.prompts,
+        before: g.before.metrics(),
+        after: g.after.metrics(),
+    };
+    let nonempty = |g: &Group| (g.facts > 0).then(|| metrics(None, g));
+    Ok((
+        nonempty(&same),
+        nonempty(&other),
+        per_relation
+            .iter()
+            .map(|(relation, g)| metrics(relation.clone(), g))
+            .collect(),
+    ))
+}
+
+/// An edited fact to score: its prompts, old and new answer ids.
+#[derive(Debug, Clone)]
+pub struct EditedFact {
+    /// Prompts.
+    pub prompts: Vec<EncodedPrompt>,
+    /// The answer before.
+    pub old_id: u32,
+    /// The answer wanted.
+    pub new_id: u32,
+}
+
+/// Success, success@5, change rate and MRR of the new answers, before and after.
+pub fn evaluate_edited(
+    before: &LoadedModel,
+    after: &LoadedModel,
+    facts: &[EditedFact],
+) -> Result<EditedMetrics> {
+    let score = |lm: &LoadedModel| -> Result<(AnswerMetrics, usize)> {
+        let (mut n, mut success, mut top5, mut changed, mut rr) =
+            (0usize, 0usize, 0usize, 0usize, 0f64);
+        for fact in facts {
+            for d in mask_distributions(lm, &fact.prompts, &())? {
+                let rank = d.rank(fact.new_id);
+                let top = d.top_k(1).first().map(|t| t.0);
+                n += 1;
+                success += usize::from(top == Some(fact.new_id));
+                top5 += usize::from(rank <= 5);
+                changed += usize::from(top != Some(fact.old_id));
+                rr += 1.0 / rank as f64;
+            }
+        }
+        let total = n.max(1) as f64;
+        Ok((
+            AnswerMetrics {
+                success: success as f64 / total,
+                success_at_5: top5 as f64 / total,
+                change_rate: changed as f64 / total,
+                mrr: rr / total,
+            },
+            n,
+        ))
+    };
+    let (before_metrics, prompts) = score(before)?;
+    let (after_metrics, _) = score(after)?;
+    Ok(EditedMetrics {
+        facts: facts.len(),
+        prompts,
+        before: before_metrics,
+        after: after_metrics,
+    })
+}
+
+/// Everything [`build_report`] measures an edit with.
+pub struct ReportInputs<'a> {
+    /// The model before.
+    pub before: &'a LoadedModel,
+    /// The model after.
+    pub after: &'a LoadedModel,
+    /// What was done.
+    pub plan: &'a EditPlan,
+    /// The update rule (updates).
+    pub rule: Option<UpdateRule>,
+    /// The erase value (erases).
+    pub value: Option<EraseValue>,
+    /// The edited facts, tokenized (updates).
+    pub edited: &'a [EditedFact],
+    /// Evaluation facts (`--eval`).
+    pub eval: Option<&'a [EvalFact]>,
+    /// The model's identity.
+    pub model: ModelInfo,
+}
+
+/// Measures an edit: the edited facts' new answers, and with evaluation facts, gold
+/// accuracy and perplexity in the edited relations and the others.
+pub fn build_report(inputs: ReportInputs) -> Result<EditReport> {
+    let plan = inputs.plan;
+    let (operation, relations): (Operation, BTreeSet<String>) = if inputs.value.is_some() {
+        (
+            Operation::Erase,
+            plan.relations.iter().map(|r| r.relation.clone()).collect(),
+        )
+    } else {
+        (
+            Operation::Update,
+            plan.facts
+                .iter()
+                .filter_map(|f| f.relation.clone())
+                .collect(),
+        )
+    };
+    let edited_facts = match operation {
+        Operation::Update if !inputs.edited.is_empty() => {
+            Some(evaluate_edited(inputs.before, inputs.after, inputs.edited)?)
+        }
+        _ => None,
+    };
+    let exclude: HashSet<String> = plan.facts.iter().map(|f| f.id.to_string()).collect();
+    let (same_relation, other_relation, per_relation) = match inputs.eval {
+        Some(facts) => evaluate_gold(inputs.before, inputs.after, facts, &relations, &exclude)?,
+        None => (None, None, Vec::new()),
+    };
+    Ok(EditReport {
+        operation,
+        rule: inputs.rule.map(|r| r.name().to_string()),
+        value: inputs.value,
+        relations: relations.into_iter().collect(),
+        model: inputs.model,
+        kn_version: env!("CARGO_PKG_VERSION").to_string(),
+        edited_facts,
+        same_relation,
+        other_relation,
+        per_relation,
+        skipped: plan.skipped.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gold_sums_give_accuracy_and_perplexity() {
+        let d = |p: Vec<f32>| MaskDistribution {
+            mask_position: 1,
+            probabilities: p,
+        };
+        let sums = GoldSums::of(&[d(vec![0.5, 0.25, 0.25]), d(vec![0.2, 0.8, 0.0])], 0);
+        let m = sums.metrics();
+        assert_eq!(m.accuracy, 0.5);
+        // exp(−(ln 0.5 + ln 0.2) / 2) = 1 / sqrt(0.1)
+        assert!((m.perplexity - 1.0 / 0.1f64.sqrt()).abs() < 1e-9, "{m:?}");
+        // A probability of 0 is floored: finite perplexity.
+        let zero = GoldSums::of(&[d(vec![0.2, 0.8, 0.0])], 2).metrics();
+        assert!(zero.perplexity.is_finite() && zero.perplexity > 1e30);
+    }
+}
