@@ -4,6 +4,7 @@
 
 mod attribute;
 mod predict;
+mod report;
 
 use std::process::ExitCode;
 
@@ -30,6 +31,9 @@ enum Command {
     Refine(attribute::RefineArgs),
     /// Fill-mask predictions for cloze prompts (JSONL in, JSONL out).
     Predict(predict::PredictArgs),
+    /// The paper's analyses as tables, plots and JSON (report.md, report.json) from
+    /// kn attribute / refine, probe and edit outputs; a short summary on stdout.
+    Report(report::ReportArgs),
 }
 
 /// Which model to load, and where to run it.
@@ -100,6 +104,7 @@ pub fn main() -> ExitCode {
         Command::Attribute(args) => attribute::run(args),
         Command::Refine(args) => attribute::refine(args),
         Command::Predict(args) => predict::run(args),
+        Command::Report(args) => report::run(args),
     };
     match outcome {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
