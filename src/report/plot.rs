@@ -253,7 +253,14 @@ pub fn render(report: &Report, dir: &Path, format: Format) -> Result<Vec<Figure>
         x_desc: "relation".into(),
         y_desc: "relation".into(),
         scale_desc: "shared neurons per pair".into(),
-        label: |v| format!("{v:.2}"),
+        // Exact zeros plainly, so that the pairs sharing anything stand out.
+        label: |v| {
+            if v == 0.0 {
+                "0".into()
+            } else {
+                format!("{v:.2}")
+            }
+        },
     };
     out("shared-neurons", title, &|p| save(&heat, p, format))?;
 
@@ -416,7 +423,8 @@ impl Plot for Histogram<'_> {
             .disable_x_mesh()
             .bold_line_style(GRID)
             .light_line_style(TRANSPARENT)
-            .x_labels(self.counts.len().max(2) + 1)
+            // One label per count while they fit, round steps beyond.
+            .x_labels((self.counts.len() + 1).clamp(3, 16))
             .x_label_formatter(&|v| {
                 if v.fract() == 0.0 && *v >= 0.0 {
                     format!("{v:.0}")
@@ -553,7 +561,8 @@ impl HeatMap {
         let top = MARGIN + 40 + 30;
         let grid_w = self.cols.len() as i32 * self.cell.0;
         let body = (self.rows.len() as i32 * self.cell.1).max(SCALE_HEIGHT);
-        let right = 30 + (18 + 6 + scale_ticks).max(text_width(&self.scale_desc, TICK)) + MARGIN;
+        let right =
+            30 + (18 + 6 + scale_ticks).max(text_width(&self.scale_desc, TICK) + 8) + MARGIN;
         let bottom = col_labels + 34 + MARGIN;
         let width = (left + grid_w + right).max(text_width(&self.title, TITLE) + 2 * MARGIN);
         HeatLayout {
@@ -847,9 +856,93 @@ mod tests {
 
     #[test]
     fn the_embedded_font_measures_text() {
+        let _ = font();
         register_font();
         let narrow = text_width("ii", TICK);
         let wide = text_width("WW", TICK);
         assert!(narrow > 0 && wide > 2 * narrow, "{narrow} {wide}");
+    }
+
+    /// Draws `plot` as SVG and as PNG in memory; returns the SVG.
+    fn draw_both(plot: &impl Plot) -> String {
+        register_font();
+        let (w, h) = plot.size();
+        let mut svg = String::new();
+        {
+            let root = SVGBackend::with_string(&mut svg, (w, h)).into_drawing_area();
+            plot.draw(&root).unwrap();
+            root.present().unwrap();
+        }
+        let mut rgb = vec![0u8; w as usize * h as usize * 3];
+        let root = Raster::new(&mut rgb, (w, h), font()).into_drawing_area();
+        plot.draw(&root).unwrap();
+        root.present().unwrap();
+        svg
+    }
+
+    #[test]
+    fn degenerate_inputs_still_draw() {
+        // One layer; no neuron at all.
+        for share in [vec![1.0], vec![0.0, 0.0]] {
+            draw_both(&LayerBars {
+                title: "t".into(),
+                share: &share,
+            });
+        }
+        // Every fact without neurons; a fact with 300 (labels in round steps).
+        let mut many = vec![0; 301];
+        many[300] = 1;
+        for counts in [vec![3], many] {
+            draw_both(&Histogram {
+                title: "t".into(),
+                counts: &counts,
+                mean: Some(0.0),
+                median: None,
+            });
+        }
+        // One relation without pairs; all zeros.
+        for values in [vec![vec![None]], vec![vec![Some(0.0)]]] {
+            draw_both(&HeatMap {
+                title: "t".into(),
+                rows: vec!["r".into()],
+                cols: vec!["r".into()],
+                values,
+                rotate_cols: true,
+                cell: (46, 26),
+                x_desc: "x".into(),
+                y_desc: "y".into(),
+                scale_desc: "s".into(),
+                label: |v| format!("{v:.2}"),
+            });
+        }
+        // A probe without control, and one where nothing was probed.
+        let effect = |change: Option<f64>| Effect {
+            prompts: usize::from(change.is_some()),
+            before: change.map(|_| 0.5),
+            after: change.map(|c| 0.5 * (1.0 + c)),
+            change,
+            control_prompts: 0,
+            control_after: None,
+            control_change: None,
+        };
+        for change in [Some(-0.3), None] {
+            let probe = ProbeSummary {
+                mode: super::super::input::ProbeMode::Suppress,
+                factor: None,
+                control: None,
+                facts: 1,
+                skipped: usize::from(change.is_none()),
+                overall: effect(change),
+                by_relation: vec![],
+            };
+            let svg = draw_both(&ProbeBars {
+                title: "t".into(),
+                probe: &probe,
+            });
+            assert!(
+                !svg.contains("control ("),
+                "no control, no legend entry for it"
+            );
+        }
     }
 }

@@ -2,6 +2,7 @@
 //! neurons lie (the paper's Figure 3), how many a fact has, how many fact pairs share
 //! (its statistics table), what suppressing or amplifying them does (Figures 4 and 5).
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
@@ -49,10 +50,41 @@ impl Fact {
     }
 }
 
-/// The relations of `facts`, sorted by name, each once.
+/// Orders names as people read them, numbers by value: `P17` before `P101` (Wikidata
+/// relation ids), ties broken by plain string order.
+pub fn natural_cmp(a: &str, b: &str) -> Ordering {
+    fn chunks(s: &str) -> impl Iterator<Item = &str> {
+        let mut rest = s;
+        std::iter::from_fn(move || {
+            let first = rest.chars().next()?;
+            let digit = first.is_ascii_digit();
+            let end = rest
+                .find(|c: char| c.is_ascii_digit() != digit)
+                .unwrap_or(rest.len());
+            let (chunk, tail) = rest.split_at(end);
+            rest = tail;
+            Some(chunk)
+        })
+    }
+    let by_chunks = chunks(a).zip(chunks(b)).map(|(x, y)| {
+        let numeric = |c: &str| c.starts_with(|c: char| c.is_ascii_digit());
+        if numeric(x) && numeric(y) {
+            let (x, y) = (x.trim_start_matches('0'), y.trim_start_matches('0'));
+            x.len().cmp(&y.len()).then_with(|| x.cmp(y))
+        } else {
+            x.cmp(y)
+        }
+    });
+    by_chunks
+        .fold(Ordering::Equal, Ordering::then)
+        .then_with(|| chunks(a).count().cmp(&chunks(b).count()))
+        .then_with(|| a.cmp(b))
+}
+
+/// The relations of `facts`, in [`natural_cmp`] order, each once.
 pub fn relations(facts: &[Fact]) -> Vec<String> {
     let mut names: Vec<String> = facts.iter().map(|f| f.relation.clone()).collect();
-    names.sort();
+    names.sort_by(|a, b| natural_cmp(a, b));
     names.dedup();
     names
 }
@@ -104,7 +136,7 @@ pub struct RelationLayerShare {
 pub struct LayerDistribution {
     /// All facts.
     pub overall: LayerShare,
-    /// Per relation, sorted by name.
+    /// Per relation, in [`natural_cmp`] order.
     pub by_relation: Vec<RelationLayerShare>,
 }
 
@@ -122,15 +154,17 @@ pub fn layer_distribution(facts: &[Fact], layers: usize) -> LayerDistribution {
             counts[n.layer] += 1;
         }
     }
+    let mut by_relation: Vec<RelationLayerShare> = by_relation
+        .into_iter()
+        .map(|(relation, counts)| RelationLayerShare {
+            relation: relation.to_string(),
+            layers: LayerShare::new(counts),
+        })
+        .collect();
+    by_relation.sort_by(|a, b| natural_cmp(&a.relation, &b.relation));
     LayerDistribution {
         overall: LayerShare::new(overall),
-        by_relation: by_relation
-            .into_iter()
-            .map(|(relation, counts)| RelationLayerShare {
-                relation: relation.to_string(),
-                layers: LayerShare::new(counts),
-            })
-            .collect(),
+        by_relation,
     }
 }
 
@@ -199,7 +233,7 @@ pub struct RelationCount {
 pub struct PerFact {
     /// All facts.
     pub overall: CountSummary,
-    /// Per relation, sorted by name.
+    /// Per relation, in [`natural_cmp`] order.
     pub by_relation: Vec<RelationCount>,
 }
 
@@ -212,15 +246,17 @@ pub fn neurons_per_fact(facts: &[Fact]) -> PerFact {
             .or_default()
             .push(fact.neurons.len());
     }
+    let mut by_relation: Vec<RelationCount> = by_relation
+        .into_iter()
+        .map(|(relation, counts)| RelationCount {
+            relation: relation.to_string(),
+            counts: CountSummary::of(counts),
+        })
+        .collect();
+    by_relation.sort_by(|a, b| natural_cmp(&a.relation, &b.relation));
     PerFact {
         overall: CountSummary::of(facts.iter().map(|f| f.neurons.len()).collect()),
-        by_relation: by_relation
-            .into_iter()
-            .map(|(relation, counts)| RelationCount {
-                relation: relation.to_string(),
-                counts: CountSummary::of(counts),
-            })
-            .collect(),
+        by_relation,
     }
 }
 
@@ -253,7 +289,7 @@ pub struct SharedNeurons {
     pub same_relation: PairMean,
     /// Pairs of facts of different relations.
     pub different_relation: PairMean,
-    /// Row and column names of the matrices, sorted.
+    /// Row and column names of the matrices, in [`natural_cmp`] order.
     pub relations: Vec<String>,
     /// `pairs[r][s]`: fact pairs with one fact in r and one in s (`n_r(n_r−1)/2` on the
     /// diagonal, `n_r·n_s` off it).
@@ -427,7 +463,7 @@ pub struct ProbeSummary {
     pub skipped: usize,
     /// Over all prompts.
     pub overall: Effect,
-    /// Per relation, sorted by name.
+    /// Per relation, in [`natural_cmp`] order.
     pub by_relation: Vec<RelationEffect>,
 }
 
@@ -457,6 +493,16 @@ pub fn probe_summary(mode: ProbeMode, records: &[&ProbeRecord]) -> ProbeSummary 
         all.extend_from_slice(&ps);
         entry.2.extend(ps);
     }
+    let mut by_relation: Vec<RelationEffect> = by_relation
+        .into_iter()
+        .map(|(relation, (facts, skipped, prompts))| RelationEffect {
+            relation: relation.to_string(),
+            facts,
+            skipped,
+            effect: effect(&prompts),
+        })
+        .collect();
+    by_relation.sort_by(|a, b| natural_cmp(&a.relation, &b.relation));
     let first = records.first();
     ProbeSummary {
         mode,
@@ -465,15 +511,7 @@ pub fn probe_summary(mode: ProbeMode, records: &[&ProbeRecord]) -> ProbeSummary 
         facts: records.len(),
         skipped: records.iter().filter(|r| skipped(r)).count(),
         overall: effect(&all),
-        by_relation: by_relation
-            .into_iter()
-            .map(|(relation, (facts, skipped, prompts))| RelationEffect {
-                relation: relation.to_string(),
-                facts,
-                skipped,
-                effect: effect(&prompts),
-            })
-            .collect(),
+        by_relation,
     }
 }
 
@@ -495,6 +533,18 @@ mod tests {
             Fact::new("b", vec![n(2, 5), n(1, 9)]),
             Fact::new("b", vec![n(3, 8)]),
         ]
+    }
+
+    #[test]
+    fn relations_sort_by_their_numbers() {
+        let mut names = vec![
+            "P101", "P17", "(none)", "P2", "P17b", "P017", "Q1", "P1412x",
+        ];
+        names.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(
+            names,
+            ["(none)", "P2", "P017", "P17", "P17b", "P101", "P1412x", "Q1"]
+        );
     }
 
     #[test]
