@@ -3,8 +3,8 @@
 //!
 //! [`build`] reads `kn attribute` / `kn refine` records (several files merge: shards of
 //! one run), optionally `kn probe` records and `kn edit --report` files, refuses to mix
-//! models or parameters, and computes every statistic ([`stats`]). [`write`] draws the
-//! plots ([`plot`]) and writes `report.md` and `report.json` ([`format`]);
+//! models or parameters, and computes every statistic ([`stats`]). [`write()`] draws the
+//! plots ([`plot`]) and writes `report.md` and `report.json` ([`mod@format`]);
 //! [`format::summary`] is the short text `kn report` prints.
 //!
 //! # Number of layers
@@ -123,7 +123,7 @@ pub struct Report {
     pub probes: Vec<ProbeSummary>,
     /// Edit reports, in the order given.
     pub edits: Vec<EditRow>,
-    /// The plots, once [`write`] drew them.
+    /// The plots, once [`write()`] drew them.
     pub figures: Vec<Figure>,
 }
 
