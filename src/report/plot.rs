@@ -560,7 +560,8 @@ impl HeatMap {
         let left = MARGIN + row_labels.max(text_width(&self.y_desc, DESC)) + 8;
         let top = MARGIN + 40 + 30;
         let grid_w = self.cols.len() as i32 * self.cell.0;
-        let body = (self.rows.len() as i32 * self.cell.1).max(SCALE_HEIGHT);
+        let grid_h = self.rows.len() as i32 * self.cell.1;
+        let body = grid_h.max(SCALE_HEIGHT);
         let right =
             30 + (18 + 6 + scale_ticks).max(text_width(&self.scale_desc, TICK) + 8) + MARGIN;
         let bottom = col_labels + 34 + MARGIN;
@@ -571,7 +572,8 @@ impl HeatMap {
             col_labels,
             body,
             width,
-            height: top + body + bottom,
+            // Under the grid its labels; beside it the scale, which may reach lower.
+            height: top + (grid_h + bottom).max(body + MARGIN),
         }
     }
 }
