@@ -30,6 +30,26 @@ pub enum Error {
         reason: String,
     },
 
+    /// A whole input file (not one of its lines) cannot be used, e.g. a `kn edit`
+    /// report made with another model than the rest of a `kn report`'s inputs.
+    #[error("{}: {reason}", path.display())]
+    InputFile {
+        /// The file (`-` for stdin).
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
+    /// A plot of `kn report` could not be drawn or written.
+    #[error("{}: cannot draw the plot: {source}", path.display())]
+    Plot {
+        /// The image file.
+        path: PathBuf,
+        /// What plotters or the PNG encoder said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// A model directory or checkpoint cannot be used.
     #[error("{}: {reason}", path.display())]
     Model {

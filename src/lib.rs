@@ -9,6 +9,8 @@
 //! - [`attribution`]: integrated gradients over every FFN neuron at the mask
 //!   ([`attribution::ig`]: the loop; [`attribution::engine`]: the activation-only
 //!   forward/backward it runs on), coarse and refined neuron sets, `kn attribute` / `kn refine`.
+//! - [`report`]: the paper's analyses (neurons over layers, per fact, shared by fact
+//!   pairs; suppress/amplify; edit metrics) as tables, plots and JSON: `kn report`.
 //! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output.
 //! - [`cli`]: the `kn` command line over all of the above.
 
@@ -20,5 +22,6 @@ pub mod error;
 pub mod model;
 pub mod predict;
 pub mod probe;
+pub mod report;
 
 pub use error::{Error, Result};

@@ -6,6 +6,7 @@ mod attribute;
 mod edit;
 mod predict;
 mod probe;
+mod report;
 
 use std::process::ExitCode;
 
@@ -38,6 +39,9 @@ enum Command {
     /// Update facts or erase relations through their neurons' value slots; write the
     /// edited model (or restore the original with --revert).
     Edit(edit::EditArgs),
+    /// The paper's analyses as tables, plots and JSON (report.md, report.json) from
+    /// kn attribute / refine, probe and edit outputs; a short summary on stdout.
+    Report(report::ReportArgs),
 }
 
 /// Which model to load, and where to run it.
@@ -125,6 +129,7 @@ pub fn main() -> ExitCode {
         Command::Predict(args) => predict::run(args),
         Command::Probe(args) => probe::run(args),
         Command::Edit(args) => edit::run(args),
+        Command::Report(args) => report::run(args),
     };
     match outcome {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

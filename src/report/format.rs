@@ -1,0 +1,469 @@
+//! The report as text: `report.md` (tables and image links) and the short summary
+//! `kn report` prints on stdout.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use super::input::{EditMetrics, EvalMetrics, EvalSet};
+use super::stats::{CountSummary, Effect, ProbeSummary};
+use super::{LayersFrom, Report};
+
+/// `—` for a missing number.
+const NONE: &str = "—";
+
+fn opt(value: Option<f64>, show: impl Fn(f64) -> String) -> String {
+    value.map_or_else(|| NONE.to_string(), show)
+}
+
+/// A percentage with one decimal: `45.5%`, `−62.5%`, with `sign` also `+41.7%`.
+fn percent1(x: f64, sign: bool) -> String {
+    let body = format!("{:.1}%", (x * 100.0).abs());
+    if body == "0.0%" {
+        return body;
+    }
+    match (x < 0.0, sign) {
+        (true, _) => format!("−{body}"),
+        (false, true) => format!("+{body}"),
+        (false, false) => body,
+    }
+}
+
+fn pct(value: Option<f64>) -> String {
+    opt(value, |v| percent1(v, false))
+}
+
+fn signed(value: Option<f64>) -> String {
+    opt(value, |v| percent1(v, true))
+}
+
+fn num(value: Option<f64>) -> String {
+    opt(value, |v| format!("{v:.2}"))
+}
+
+/// `before → after`, or `—` when both are missing.
+fn arrow(before: Option<f64>, after: Option<f64>, show: fn(Option<f64>) -> String) -> String {
+    if before.is_none() && after.is_none() {
+        return NONE.to_string();
+    }
+    format!("{} → {}", show(before), show(after))
+}
+
+fn layers_from(report: &Report) -> &'static str {
+    match report.layers_from {
+        LayersFrom::Option => "from --layers",
+        LayersFrom::Completeness => "from the records' completeness",
+        LayersFrom::MaxLayer => "the highest layer seen + 1",
+    }
+}
+
+fn file_name(path: &str) -> String {
+    Path::new(path)
+        .file_name()
+        .map_or_else(|| path.to_string(), |n| n.to_string_lossy().into_owned())
+}
+
+/// The top quarter of the layers (at least one): where the paper finds most knowledge
+/// neurons. Returns `(first layer, share of refined neurons there)`.
+fn top_layers(report: &Report) -> (usize, f64) {
+    let share = &report.layer_distribution.overall.share;
+    let k = share.len().div_ceil(4).max(1).min(share.len());
+    let first = share.len() - k;
+    (first, share[first..].iter().sum())
+}
+
+fn probe_line(p: &ProbeSummary) -> String {
+    let factor = p.factor.map_or(String::new(), |f| format!(" (×{f})"));
+    let control = if p.overall.control_prompts > 0 {
+        format!(
+            ", {} with the control ({} neurons)",
+            signed(p.overall.control_change),
+            p.control.as_deref().unwrap_or("unnamed")
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "{}{factor}: gold probability {} with the knowledge neurons{control}; {} prompts of {} \
+         facts, {} skipped",
+        p.mode.name(),
+        signed(p.overall.change),
+        p.overall.prompts,
+        p.facts,
+        p.skipped
+    )
+}
+
+/// The text `kn report` prints: one line per analysis.
+pub fn summary(report: &Report) -> String {
+    let mut s = String::new();
+    let per_fact = &report.neurons_per_fact.overall;
+    let _ = writeln!(
+        s,
+        "kn report: {} facts of {} relations; model {} (weights {}); {} layers ({})",
+        report.facts,
+        report.relations.len(),
+        report.model.source,
+        report
+            .model
+            .weights_sha256
+            .get(..12)
+            .unwrap_or(&report.model.weights_sha256),
+        report.layers,
+        layers_from(report)
+    );
+    let _ = writeln!(
+        s,
+        "refined neurons per fact: mean {}, median {}, min {}, max {}; none in {} of {} facts",
+        num(per_fact.mean),
+        opt(per_fact.median, |m| m.to_string()),
+        per_fact.min,
+        per_fact.max,
+        per_fact.zero,
+        per_fact.facts
+    );
+    let overall = &report.layer_distribution.overall;
+    if overall.neurons > 0 {
+        let (first, share) = top_layers(report);
+        let (most, most_share) = overall.share.iter().enumerate().fold(
+            (0, 0.0),
+            |best, (l, &s)| if s > best.1 { (l, s) } else { best },
+        );
+        let range = if first + 1 == report.layers {
+            format!("layer {first}")
+        } else {
+            format!("layers {first}–{}", report.layers - 1)
+        };
+        let _ = writeln!(
+            s,
+            "layers: {} of refined neurons in the top {} of {} layers ({range}); most in layer \
+             {most} ({})",
+            percent1(share, false),
+            report.layers - first,
+            report.layers,
+            percent1(most_share, false)
+        );
+    }
+    let shared = &report.shared_neurons;
+    let _ = writeln!(
+        s,
+        "shared neurons per fact pair: {} within a relation ({} pairs), {} across relations ({} \
+         pairs)",
+        num(shared.same_relation.mean),
+        shared.same_relation.pairs,
+        num(shared.different_relation.mean),
+        shared.different_relation.pairs
+    );
+    for p in &report.probes {
+        let _ = writeln!(s, "{}", probe_line(p));
+    }
+    for e in &report.edits {
+        let r = &e.report;
+        let how = r.rule.as_deref().or(r.value.as_deref()).unwrap_or(NONE);
+        let relations = r.relations.as_deref().unwrap_or(&[]).join(", ");
+        let mut parts = Vec::new();
+        if let Some(f) = &r.edited_facts {
+            parts.push(format!(
+                "success {}, change rate {}",
+                arrow(f.before.success, f.after.success, pct),
+                arrow(f.before.change_rate, f.after.change_rate, pct)
+            ));
+        }
+        let ppl = |set: &Option<EvalSet>, name: &str| {
+            set.as_ref().map(|set| {
+                format!(
+                    "{name} {}",
+                    arrow(set.before.perplexity, set.after.perplexity, num)
+                )
+            })
+        };
+        let ppls: Vec<String> = [
+            ppl(&r.same_relation, "same relation"),
+            ppl(&r.other_relation, "other relations"),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if !ppls.is_empty() {
+            parts.push(format!("perplexity {}", ppls.join(", ")));
+        }
+        let _ = writeln!(
+            s,
+            "edit {}: {} ({how}) of {}: {}",
+            file_name(&e.file),
+            r.operation,
+            if relations.is_empty() {
+                NONE
+            } else {
+                &relations
+            },
+            if parts.is_empty() {
+                "no metrics".to_string()
+            } else {
+                parts.join("; ")
+            }
+        );
+    }
+    s
+}
+
+fn image(s: &mut String, report: &Report, name: &str) {
+    if let Some(f) = report.figures.iter().find(|f| f.name == name) {
+        let _ = writeln!(s, "![{}]({})\n", f.title, f.file);
+    }
+}
+
+fn count_row(s: &mut String, name: &str, c: &CountSummary) {
+    let _ = writeln!(
+        s,
+        "| {name} | {} | {} | {} | {} | {} | {} | {} |",
+        c.facts,
+        c.neurons,
+        num(c.mean),
+        opt(c.median, |m| m.to_string()),
+        c.min,
+        c.max,
+        c.zero
+    );
+}
+
+fn effect_row(s: &mut String, name: &str, facts: usize, skipped: usize, e: &Effect) {
+    let _ = writeln!(
+        s,
+        "| {name} | {facts} | {skipped} | {} | {} | {} | {} | {} | {} |",
+        e.prompts,
+        opt(e.before, |v| format!("{v:.4}")),
+        opt(e.after, |v| format!("{v:.4}")),
+        signed(e.change),
+        opt(e.control_after, |v| format!("{v:.4}")),
+        signed(e.control_change)
+    );
+}
+
+fn eval_cells(m: &EvalMetrics, n: &EvalMetrics) -> String {
+    let delta = match (m.perplexity, n.perplexity) {
+        (Some(a), Some(b)) => format!(" ({:+.2})", b - a),
+        _ => String::new(),
+    };
+    format!(
+        "{} | {}{delta}",
+        arrow(m.accuracy, n.accuracy, pct),
+        arrow(m.perplexity, n.perplexity, num)
+    )
+}
+
+fn edit_cells(b: &EditMetrics, a: &EditMetrics) -> String {
+    format!(
+        "{} | {} | {} | {}",
+        arrow(b.success, a.success, pct),
+        arrow(b.success_at_5, a.success_at_5, pct),
+        arrow(b.change_rate, a.change_rate, pct),
+        arrow(b.mrr, a.mrr, num)
+    )
+}
+
+/// `report.md`: every table, with the plots beside them.
+pub fn markdown(report: &Report) -> String {
+    let mut s = String::new();
+    let p = &report.params;
+    let method = match (p.steps, p.rule) {
+        (Some(steps), Some(rule)) => format!("integrated gradients ({steps} steps, {rule} rule)"),
+        _ => "activation (the paper's baseline)".to_string(),
+    };
+    let inputs: Vec<String> = report
+        .inputs
+        .neurons
+        .iter()
+        .map(|p| format!("`{}`", p.display()))
+        .collect();
+    let _ = writeln!(s, "# Knowledge neurons report\n");
+    let _ = writeln!(
+        s,
+        "Made by kn {} from {} ({} facts of {} relations). Model `{}` (weights sha256 `{}`); \
+         {method}, threshold {}, share {}{}, at least {} prompts. {} layers ({}).\n",
+        report.kn_version,
+        inputs.join(", "),
+        report.facts,
+        report.relations.len(),
+        report.model.source,
+        report.model.weights_sha256,
+        p.threshold,
+        p.share,
+        if p.adaptive == Some(true) {
+            " (adaptive per relation)"
+        } else {
+            ""
+        },
+        p.min_prompts,
+        report.layers,
+        layers_from(report)
+    );
+
+    let _ = writeln!(s, "## Refined neurons per fact\n");
+    let _ = writeln!(
+        s,
+        "| relation | facts | neurons | mean | median | min | max | facts without any |"
+    );
+    let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|");
+    count_row(&mut s, "**all**", &report.neurons_per_fact.overall);
+    for r in &report.neurons_per_fact.by_relation {
+        count_row(&mut s, &r.relation, &r.counts);
+    }
+    s.push('\n');
+    image(&mut s, report, "neurons-per-fact");
+
+    let _ = writeln!(s, "## Refined neurons over layers (the paper's Figure 3)\n");
+    image(&mut s, report, "layers");
+    let _ = writeln!(s, "| layer | refined neurons | share |");
+    let _ = writeln!(s, "|--:|--:|--:|");
+    let overall = &report.layer_distribution.overall;
+    for (l, (c, sh)) in overall.counts.iter().zip(&overall.share).enumerate() {
+        let _ = writeln!(s, "| {l} | {c} | {} |", percent1(*sh, false));
+    }
+    s.push('\n');
+    let _ = writeln!(
+        s,
+        "Per relation (share of each relation's refined neurons):\n"
+    );
+    image(&mut s, report, "layers-by-relation");
+
+    let shared = &report.shared_neurons;
+    let _ = writeln!(s, "## Shared neurons between fact pairs\n");
+    let _ = writeln!(s, "| fact pairs | pairs | shared neurons | mean per pair |");
+    let _ = writeln!(s, "|---|--:|--:|--:|");
+    for (name, m) in [
+        ("same relation", &shared.same_relation),
+        ("different relations", &shared.different_relation),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {name} | {} | {} | {} |",
+            m.pairs,
+            m.shared,
+            num(m.mean)
+        );
+    }
+    s.push('\n');
+    let _ = writeln!(
+        s,
+        "Mean per relation pair (diagonal: pairs within a relation):\n"
+    );
+    image(&mut s, report, "shared-neurons");
+
+    for probe in &report.probes {
+        let (title, figure) = match probe.mode {
+            super::input::ProbeMode::Suppress => ("Suppressing", 4),
+            super::input::ProbeMode::Amplify => ("Amplifying", 5),
+        };
+        let _ = writeln!(
+            s,
+            "## {title} knowledge neurons (the paper's Figure {figure})\n"
+        );
+        let _ = writeln!(
+            s,
+            "Factor {}, control: {}. Change = (mean after − mean before) / mean before of the \
+             gold answer's probability.\n",
+            opt(probe.factor, |f| f.to_string()),
+            probe.control.as_deref().unwrap_or(NONE)
+        );
+        image(&mut s, report, probe.mode.name());
+        let _ = writeln!(
+            s,
+            "| relation | facts | skipped | prompts | P(gold) before | after | change | control \
+             after | control change |"
+        );
+        let _ = writeln!(s, "|---|--:|--:|--:|--:|--:|--:|--:|--:|");
+        effect_row(
+            &mut s,
+            "**all**",
+            probe.facts,
+            probe.skipped,
+            &probe.overall,
+        );
+        for r in &probe.by_relation {
+            effect_row(&mut s, &r.relation, r.facts, r.skipped, &r.effect);
+        }
+        s.push('\n');
+    }
+
+    if !report.edits.is_empty() {
+        let _ = writeln!(s, "## Edits\n");
+        let updates: Vec<_> = report
+            .edits
+            .iter()
+            .filter(|e| e.report.edited_facts.is_some())
+            .collect();
+        if !updates.is_empty() {
+            let _ = writeln!(s, "Edited facts, before → after:\n");
+            let _ = writeln!(
+                s,
+                "| report | operation | relations | facts | prompts | success | success@5 | change \
+                 rate | MRR | skipped |"
+            );
+            let _ = writeln!(s, "|---|---|---|--:|--:|--:|--:|--:|--:|--:|");
+            for e in updates {
+                let r = &e.report;
+                let Some(f) = &r.edited_facts else { continue };
+                let _ = writeln!(
+                    s,
+                    "| `{}` | {} ({}) | {} | {} | {} | {} | {} |",
+                    file_name(&e.file),
+                    r.operation,
+                    r.rule.as_deref().or(r.value.as_deref()).unwrap_or(NONE),
+                    r.relations.as_deref().unwrap_or(&[]).join(", "),
+                    f.facts.map_or(NONE.to_string(), |n| n.to_string()),
+                    f.prompts.map_or(NONE.to_string(), |n| n.to_string()),
+                    edit_cells(&f.before, &f.after),
+                    r.skipped.as_ref().map_or(0, Vec::len)
+                );
+            }
+            s.push('\n');
+        }
+        let _ = writeln!(
+            s,
+            "Locality, before → after (perplexity of gold answers, its change in brackets):\n"
+        );
+        let _ = writeln!(
+            s,
+            "| report | operation | set | facts | accuracy | perplexity |"
+        );
+        let _ = writeln!(s, "|---|---|---|--:|--:|--:|");
+        for e in &report.edits {
+            let r = &e.report;
+            let how = format!(
+                "{} ({})",
+                r.operation,
+                r.rule.as_deref().or(r.value.as_deref()).unwrap_or(NONE)
+            );
+            let sets = [
+                ("same relation", r.same_relation.as_ref()),
+                ("other relations", r.other_relation.as_ref()),
+            ];
+            let per_relation = r
+                .per_relation
+                .iter()
+                .flatten()
+                .map(|set| (set.relation.as_deref().unwrap_or(NONE), Some(set)));
+            let mut any = false;
+            for (name, set) in sets.into_iter().chain(per_relation) {
+                let Some(set) = set else { continue };
+                any = true;
+                let _ = writeln!(
+                    s,
+                    "| `{}` | {how} | {name} | {} | {} |",
+                    file_name(&e.file),
+                    set.facts.map_or(NONE.to_string(), |n| n.to_string()),
+                    eval_cells(&set.before, &set.after)
+                );
+            }
+            if !any {
+                let _ = writeln!(
+                    s,
+                    "| `{}` | {how} | (no evaluation set) | {NONE} | {NONE} | {NONE} |",
+                    file_name(&e.file)
+                );
+            }
+        }
+        s.push('\n');
+    }
+    s
+}

@@ -1,0 +1,512 @@
+//! The inputs of `kn report`: `kn attribute` / `kn refine` records, `kn probe` records
+//! and `kn edit --report` files. Several inputs of a kind merge (shards of one run);
+//! outputs of different models or parameters are refused, naming what differs.
+//!
+//! The probe and edit formats are read with their own tolerant structs: only the fields
+//! the report uses, unknown fields ignored, sections that may be absent or null optional.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::attribution::record::{FactRecord, ModelInfo, Params};
+use crate::data::JsonlInput;
+use crate::error::{Error, Result};
+
+/// Where a record came from: a file (`<stdin>` for `-`) and, for JSON lines, its line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file as shown in messages.
+    pub path: PathBuf,
+    /// 1-based line of a JSONL record; `None` for a whole-file JSON input.
+    pub line: Option<usize>,
+}
+
+impl Origin {
+    /// The error for a record from here.
+    pub fn error(&self, reason: impl Into<String>) -> Error {
+        match self.line {
+            Some(line) => Error::Input {
+                path: self.path.clone(),
+                line,
+                reason: reason.into(),
+            },
+            None => Error::InputFile {
+                path: self.path.clone(),
+                reason: reason.into(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}", self.path.display()),
+            None => write!(f, "{}", self.path.display()),
+        }
+    }
+}
+
+/// A record and where it came from.
+#[derive(Debug, Clone)]
+pub struct Located<T> {
+    /// Its file and line.
+    pub origin: Origin,
+    /// The record.
+    pub record: T,
+}
+
+/// Holds the model of the first input read and refuses any later input made with
+/// another. Models are the same when their weights are (`weights_sha256`): the same
+/// directory may be spelled differently by two commands.
+#[derive(Debug, Default)]
+pub struct SameModel {
+    first: Option<(Origin, ModelInfo)>,
+}
+
+impl SameModel {
+    /// Accepts `model` if it is the first one or has the first one's weights.
+    pub fn check(&mut self, here: &Origin, model: &ModelInfo) -> Result<()> {
+        let Some((there, first)) = &self.first else {
+            self.first = Some((here.clone(), model.clone()));
+            return Ok(());
+        };
+        if first.weights_sha256 == model.weights_sha256 {
+            return Ok(());
+        }
+        Err(here.error(format!(
+            "made with another model than {there}: weights_sha256 {} ({}) here, {} ({}) there; \
+             a report puts together outputs of one model only",
+            short(&model.weights_sha256),
+            model.source,
+            short(&first.weights_sha256),
+            first.source
+        )))
+    }
+
+    /// The model of the first input, once one was read.
+    pub fn model(&self) -> Option<&ModelInfo> {
+        self.first.as_ref().map(|(_, m)| m)
+    }
+}
+
+fn short(sha: &str) -> &str {
+    sha.get(..12).unwrap_or(sha)
+}
+
+/// Holds the first parameters seen and refuses different ones, naming the fields.
+#[derive(Debug, Default)]
+struct SameParams {
+    first: Option<(Origin, Value)>,
+}
+
+impl SameParams {
+    /// `note` says which differences are allowed.
+    fn check(&mut self, here: &Origin, params: Value, note: &str) -> Result<()> {
+        let Some((there, first)) = &self.first else {
+            self.first = Some((here.clone(), params));
+            return Ok(());
+        };
+        if *first == params {
+            return Ok(());
+        }
+        Err(here.error(format!(
+            "made with other parameters than {there}: {}; {note}",
+            differences(&params, first)
+        )))
+    }
+}
+
+const ONE_RUN: &str = "a report merges only shards of one run";
+
+/// The fields where two JSON values differ, as `name A here, B there`.
+pub fn differences(here: &Value, there: &Value) -> String {
+    let (Value::Object(a), Value::Object(b)) = (here, there) else {
+        return format!("{here} here, {there} there");
+    };
+    let show = |v: Option<&Value>| v.map_or_else(|| "absent".to_string(), Value::to_string);
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k} {} here, {} there", show(a.get(k)), show(b.get(k))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The parameters two shards of one run share. `kn refine --adaptive` chose the share
+/// per relation, so records of different relations legitimately differ in it.
+fn comparable_params(params: &Params) -> Value {
+    let mut value = serde_json::to_value(params).unwrap_or_default();
+    if params.adaptive == Some(true) {
+        if let Value::Object(map) = &mut value {
+            map.remove("share");
+        }
+    }
+    value
+}
+
+/// Reads the lines of `path` as `T`; the first bad line ends the reading (a report of
+/// part of the input would be silently wrong).
+fn read_jsonl<T: serde::de::DeserializeOwned>(path: &Path, kind: &str) -> Result<Vec<Located<T>>> {
+    let mut input = JsonlInput::open(path)?;
+    let mut out = Vec::new();
+    while let Some(item) = input.next() {
+        let (line, text) = item?;
+        let record = serde_json::from_str(&text)
+            .map_err(|e| input.error(line, format!("not a {kind} record: {e}")))?;
+        out.push(Located {
+            origin: Origin {
+                path: input.path().to_path_buf(),
+                line: Some(line),
+            },
+            record,
+        });
+    }
+    Ok(out)
+}
+
+/// Refuses a second record with the same id (an input given twice, overlapping shards).
+#[derive(Debug, Default)]
+struct UniqueIds(HashMap<String, Origin>);
+
+impl UniqueIds {
+    fn check(&mut self, here: &Origin, id: &Value, what: &str) -> Result<()> {
+        match self.0.insert(id.to_string(), here.clone()) {
+            Some(there) => Err(here.error(format!(
+                "{what} id {id} is also at {there}: is an input given twice, or do two shards \
+                 overlap?"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads and merges `kn attribute` / `kn refine` outputs: one model, one set of
+/// parameters, each fact once.
+pub fn read_neurons(paths: &[PathBuf], model: &mut SameModel) -> Result<Vec<Located<FactRecord>>> {
+    let mut params = SameParams::default();
+    let mut ids = UniqueIds::default();
+    let mut all = Vec::new();
+    for path in paths {
+        for located in read_jsonl::<FactRecord>(path, "kn attribute")? {
+            let (here, record) = (&located.origin, &located.record);
+            model.check(here, &record.model)?;
+            params.check(here, comparable_params(&record.params), ONE_RUN)?;
+            ids.check(here, &record.id, "fact")?;
+            all.push(located);
+        }
+    }
+    if all.is_empty() {
+        return Err(Error::InputFile {
+            path: paths.first().cloned().unwrap_or_default(),
+            reason: "no kn attribute records: nothing to report".into(),
+        });
+    }
+    Ok(all)
+}
+
+/// What a probe did to the knowledge neurons.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProbeMode {
+    /// Set to 0 (the paper's Figure 4).
+    Suppress,
+    /// Multiplied (by 2 in the paper's Figure 5).
+    Amplify,
+}
+
+impl ProbeMode {
+    /// `suppress` or `amplify`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeMode::Suppress => "suppress",
+            ProbeMode::Amplify => "amplify",
+        }
+    }
+}
+
+/// The control neurons of a probe.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProbeControl {
+    /// `random` (random neurons of the same layers) or `other-relation` (the neurons of
+    /// a fact of another relation).
+    pub kind: String,
+}
+
+/// One probed prompt.
+#[derive(Debug, Clone, Copy, Deserialize)]
+pub struct ProbePrompt {
+    /// `P(gold)`, unmodified model.
+    pub before: f64,
+    /// With the knowledge neurons suppressed or amplified.
+    pub after: f64,
+    /// With the control neurons treated the same way.
+    #[serde(default)]
+    pub control_after: Option<f64>,
+}
+
+/// One line of `kn probe` output (only what the report reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProbeRecord {
+    /// The fact's id.
+    pub id: Value,
+    /// Its relation.
+    #[serde(default)]
+    pub relation: Option<String>,
+    /// Suppress or amplify.
+    pub mode: ProbeMode,
+    /// The factor the neurons were multiplied by (0 to suppress).
+    #[serde(default)]
+    pub factor: Option<f64>,
+    /// The control.
+    #[serde(default)]
+    pub control: Option<ProbeControl>,
+    /// Per prompt (empty or null when skipped).
+    #[serde(default)]
+    pub prompts: Option<Vec<ProbePrompt>>,
+    /// Why the fact was not probed (e.g. `no refined neurons`).
+    #[serde(default)]
+    pub skipped: Option<String>,
+    /// The model.
+    pub model: ModelInfo,
+    /// The parameters, compared as they are.
+    #[serde(default)]
+    pub params: Value,
+}
+
+/// Reads `kn probe` outputs and groups them by mode (suppress first). Within a mode,
+/// parameters must be equal and ids unique; across modes only `mode` and `factor` may
+/// differ; the model must be the neurons' everywhere.
+pub fn read_probes(
+    paths: &[PathBuf],
+    model: &mut SameModel,
+) -> Result<Vec<(ProbeMode, Vec<Located<ProbeRecord>>)>> {
+    let mut runs: Vec<(ProbeMode, Vec<Located<ProbeRecord>>)> = Vec::new();
+    let mut params: HashMap<ProbeMode, SameParams> = HashMap::new();
+    let mut ids: HashMap<ProbeMode, UniqueIds> = HashMap::new();
+    let mut shared = SameParams::default();
+    for path in paths {
+        for located in read_jsonl::<ProbeRecord>(path, "kn probe")? {
+            let (here, record) = (&located.origin, &located.record);
+            model.check(here, &record.model)?;
+            let mode = record.mode;
+            params
+                .entry(mode)
+                .or_default()
+                .check(here, record.params.clone(), ONE_RUN)?;
+            let mut common = record.params.clone();
+            if let Value::Object(map) = &mut common {
+                map.remove("mode");
+                map.remove("factor");
+            }
+            shared.check(
+                here,
+                common,
+                "suppress and amplify runs may differ in mode and factor only",
+            )?;
+            ids.entry(mode)
+                .or_default()
+                .check(here, &record.id, mode.name())?;
+            match runs.iter_mut().find(|(m, _)| *m == mode) {
+                Some((_, records)) => records.push(located),
+                None => runs.push((mode, vec![located])),
+            }
+        }
+    }
+    runs.sort_by_key(|(mode, _)| *mode);
+    Ok(runs)
+}
+
+/// Success metrics of the edited facts, before or after an update.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EditMetrics {
+    /// Share of prompts whose top-1 is the new answer.
+    #[serde(default)]
+    pub success: Option<f64>,
+    /// Share of prompts with the new answer in the top 5.
+    #[serde(default)]
+    pub success_at_5: Option<f64>,
+    /// Share of prompts whose top-1 is no longer the old answer.
+    #[serde(default)]
+    pub change_rate: Option<f64>,
+    /// Mean reciprocal rank of the new answer.
+    #[serde(default)]
+    pub mrr: Option<f64>,
+}
+
+/// The facts an update edited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditedFacts {
+    /// Facts.
+    #[serde(default)]
+    pub facts: Option<usize>,
+    /// Their prompts.
+    #[serde(default)]
+    pub prompts: Option<usize>,
+    /// Before the edit.
+    pub before: EditMetrics,
+    /// After it.
+    pub after: EditMetrics,
+}
+
+/// Accuracy and perplexity of gold answers on a set of facts.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct EvalMetrics {
+    /// Share of prompts answered top-1.
+    #[serde(default)]
+    pub accuracy: Option<f64>,
+    /// `exp(mean −log P(gold))`.
+    #[serde(default)]
+    pub perplexity: Option<f64>,
+}
+
+/// Facts evaluated before and after an edit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvalSet {
+    /// The relation (per-relation rows only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
+    /// Facts.
+    #[serde(default)]
+    pub facts: Option<usize>,
+    /// Their prompts.
+    #[serde(default)]
+    pub prompts: Option<usize>,
+    /// Before the edit.
+    pub before: EvalMetrics,
+    /// After it.
+    pub after: EvalMetrics,
+}
+
+/// A fact `kn edit` left alone, and why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedFact {
+    /// Its id.
+    pub id: Value,
+    /// Why.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// A `kn edit --report` file (only what the report reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EditReport {
+    /// `update` or `erase`.
+    pub operation: String,
+    /// Update rule: `scaled` or `fixed`.
+    #[serde(default)]
+    pub rule: Option<String>,
+    /// Erase value: `zero` or `unk`.
+    #[serde(default)]
+    pub value: Option<String>,
+    /// The relations edited or erased.
+    #[serde(default)]
+    pub relations: Option<Vec<String>>,
+    /// The model.
+    pub model: ModelInfo,
+    /// Success on the edited facts (updates only).
+    #[serde(default)]
+    pub edited_facts: Option<EditedFacts>,
+    /// Facts of the edited relations (the erased ones for an erase).
+    #[serde(default)]
+    pub same_relation: Option<EvalSet>,
+    /// Facts of the other relations.
+    #[serde(default)]
+    pub other_relation: Option<EvalSet>,
+    /// Per relation.
+    #[serde(default)]
+    pub per_relation: Option<Vec<EvalSet>>,
+    /// Facts left alone.
+    #[serde(default)]
+    pub skipped: Option<Vec<SkippedFact>>,
+}
+
+/// Reads one `kn edit --report` file (`-` for stdin); its model must be the neurons'.
+pub fn read_edit_report(path: &Path, model: &mut SameModel) -> Result<Located<EditReport>> {
+    let stdin = path == Path::new("-");
+    let shown = if stdin {
+        PathBuf::from("<stdin>")
+    } else {
+        path.to_path_buf()
+    };
+    let text = if stdin {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|e| Error::io(&shown, e))?;
+        text
+    } else {
+        std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?
+    };
+    let report: EditReport = serde_json::from_str(&text).map_err(|e| Error::Input {
+        path: shown.clone(),
+        line: e.line(),
+        reason: format!("not a kn edit report: {e}"),
+    })?;
+    let origin = Origin {
+        path: shown,
+        line: None,
+    };
+    model.check(&origin, &report.model)?;
+    Ok(Located {
+        origin,
+        record: report,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn differences_name_each_field() {
+        let here = json!({"threshold": 0.3, "share": 0.7, "steps": 20});
+        let there = json!({"threshold": 0.2, "share": 0.7, "rule": "left", "steps": 20});
+        assert_eq!(
+            differences(&here, &there),
+            "rule absent here, \"left\" there, threshold 0.3 here, 0.2 there"
+        );
+    }
+
+    #[test]
+    fn adaptive_records_may_differ_in_share_only() {
+        let params = |share: f64, adaptive: Option<bool>| Params {
+            method: crate::attribution::record::Method::IntegratedGradients,
+            steps: Some(20),
+            rule: None,
+            threshold: 0.2,
+            share,
+            min_prompts: 3,
+            keep: 0.1,
+            adaptive,
+        };
+        assert_eq!(
+            comparable_params(&params(0.7, Some(true))),
+            comparable_params(&params(0.65, Some(true)))
+        );
+        assert_ne!(
+            comparable_params(&params(0.7, None)),
+            comparable_params(&params(0.65, None))
+        );
+    }
+
+    #[test]
+    fn a_line_origin_makes_input_errors_and_a_file_origin_file_errors() {
+        let line = Origin {
+            path: "a.jsonl".into(),
+            line: Some(3),
+        };
+        assert_eq!(line.error("bad").to_string(), "a.jsonl:3: bad");
+        let file = Origin {
+            path: "r.json".into(),
+            line: None,
+        };
+        assert_eq!(file.error("bad").to_string(), "r.json: bad");
+    }
+}
