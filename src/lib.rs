@@ -9,7 +9,9 @@
 //! - [`attribution`]: integrated gradients over every FFN neuron at the mask
 //!   ([`attribution::ig`]: the loop; [`attribution::engine`]: the activation-only
 //!   forward/backward it runs on), coarse and refined neuron sets, `kn attribute` / `kn refine`.
-//! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output.
+//! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output, and
+//!   ParaRel's patterns and facts turned into fact JSONL ([`data::pararel`], `kn pararel`).
+//! - [`rng`]: a seeded generator whose stream is the same on every machine.
 //! - [`cli`]: the `kn` command line over all of the above.
 
 pub mod attribution;
@@ -18,5 +20,6 @@ pub mod data;
 pub mod error;
 pub mod model;
 pub mod predict;
+pub mod rng;
 
 pub use error::{Error, Result};

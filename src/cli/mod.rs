@@ -3,11 +3,15 @@
 //! exit codes.
 
 mod attribute;
+mod pararel;
 mod predict;
 
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::Error;
@@ -30,6 +34,9 @@ enum Command {
     Refine(attribute::RefineArgs),
     /// Fill-mask predictions for cloze prompts (JSONL in, JSONL out).
     Predict(predict::PredictArgs),
+    /// ParaRel's patterns and facts as kn fact JSONL: every fact with every pattern of
+    /// its relation.
+    Pararel(pararel::PararelArgs),
 }
 
 /// Which model to load, and where to run it.
@@ -79,6 +86,39 @@ fn device_name(device: &candle_core::Device) -> &'static str {
     }
 }
 
+/// Opens `--out`: stdout for `-`; an existing file is appended to with `append`, replaced
+/// with `force`, and refused otherwise (`resumable`: the command has `--resume`, which
+/// the message then offers).
+fn open_output(
+    path: &Path,
+    append: bool,
+    force: bool,
+    resumable: bool,
+) -> anyhow::Result<Box<dyn Write>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    if !append && !force && path.exists() {
+        let resume = if resumable {
+            "use --resume to continue it, or "
+        } else {
+            "use "
+        };
+        bail!(
+            "{}: exists; {resume}--force to overwrite it",
+            path.display()
+        );
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+    Ok(Box::new(file))
+}
+
 /// Prints a per-line error as ripgrep does: once, prefixed, on stderr.
 fn report(error: &Error) {
     eprintln!("kn: {error}");
@@ -100,6 +140,7 @@ pub fn main() -> ExitCode {
         Command::Attribute(args) => attribute::run(args),
         Command::Refine(args) => attribute::refine(args),
         Command::Predict(args) => predict::run(args),
+        Command::Pararel(args) => pararel::run(args),
     };
     match outcome {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,
