@@ -59,6 +59,15 @@ pub enum Error {
         reason: String,
     },
 
+    /// A data set (a directory or file of it) cannot be used.
+    #[error("{}: {reason}", path.display())]
+    Data {
+        /// The file or directory at fault.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+
     /// A model could not be fetched from the Hugging Face hub.
     #[error("hub model {repo} (revision {revision}): {reason}")]
     Hub {

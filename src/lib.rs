@@ -11,7 +11,9 @@
 //!   forward/backward it runs on), coarse and refined neuron sets, `kn attribute` / `kn refine`.
 //! - [`report`]: the paper's analyses (neurons over layers, per fact, shared by fact
 //!   pairs; suppress/amplify; edit metrics) as tables, plots and JSON: `kn report`.
-//! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output.
+//! - [`data`]: JSONL input with file/line errors, line-flushed JSONL output, and
+//!   ParaRel's patterns and facts turned into fact JSONL ([`data::pararel`], `kn pararel`).
+//! - [`rng`]: a seeded generator whose stream is the same on every machine.
 //! - [`cli`]: the `kn` command line over all of the above.
 
 pub mod attribution;
@@ -23,5 +25,6 @@ pub mod model;
 pub mod predict;
 pub mod probe;
 pub mod report;
+pub mod rng;
 
 pub use error::{Error, Result};

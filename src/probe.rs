@@ -33,9 +33,9 @@ use crate::attribution::record::{FactLine, ModelInfo};
 use crate::data::neurons::{refined_neurons, KnownFact};
 use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, NeuronsFile};
 use crate::error::{Error, Result};
-use crate::model::random::SplitMix64;
 use crate::model::{EncodedPrompt, LoadedModel, Neuron, NeuronOp, NeuronPatch};
 use crate::predict::{mask_distributions, RunSummary};
+use crate::rng::SplitMix64;
 
 /// What is done to the neurons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,7 +265,7 @@ impl<'a> Prober<'a> {
     /// The control neurons of a fact, drawn from a generator seeded by the run's seed
     /// and the fact's id.
     fn control(&self, fact: &KnownFact, neurons: &[Neuron]) -> Result<Control> {
-        let mut rng = SplitMix64(self.options.seed ^ stable_id_hash(&fact.id));
+        let mut rng = SplitMix64::new(self.options.seed ^ stable_id_hash(&fact.id));
         match self.options.control {
             ControlKind::Random => Ok(Control {
                 kind: ControlKind::Random,
@@ -287,7 +287,7 @@ impl<'a> Prober<'a> {
                         self.neurons.path.display()
                     )));
                 }
-                let other = pool[rng.below(pool.len() as u64) as usize];
+                let other = pool[rng.below(pool.len())];
                 Ok(Control {
                     kind: ControlKind::OtherRelation,
                     neurons: refined_neurons(other),
@@ -318,7 +318,7 @@ pub fn random_control(
         let pick = loop {
             let candidate = Neuron {
                 layer: neuron.layer,
-                index: rng.below(width as u64) as usize,
+                index: rng.below(width),
             };
             if !taken.contains(&candidate) {
                 break candidate;
@@ -567,7 +567,7 @@ mod tests {
             Neuron { layer: 1, index: 4 },
             Neuron { layer: 3, index: 0 },
         ];
-        let mut rng = SplitMix64(7);
+        let mut rng = SplitMix64::new(7);
         let control = random_control(&neurons, 6, &mut rng).unwrap();
         assert_eq!(control.len(), 3);
         assert_eq!(control.iter().filter(|n| n.layer == 1).count(), 2);
@@ -578,11 +578,11 @@ mod tests {
         // The same seed draws the same control.
         assert_eq!(
             control,
-            random_control(&neurons, 6, &mut SplitMix64(7)).unwrap()
+            random_control(&neurons, 6, &mut SplitMix64::new(7)).unwrap()
         );
         // A full layer has nothing left to draw.
         let full: Vec<_> = (0..2).map(|index| Neuron { layer: 0, index }).collect();
-        assert!(random_control(&full, 2, &mut SplitMix64(1)).is_err());
+        assert!(random_control(&full, 2, &mut SplitMix64::new(1)).is_err());
     }
 
     #[test]

@@ -1,14 +1,13 @@
 //! `kn attribute` and `kn refine`.
 
-use std::fs::OpenOptions;
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{report, ModelArgs, Outcome};
+use super::{open_output, report, ModelArgs, Outcome};
 use crate::attribution::ig::{IgOptions, Rule};
 use crate::attribution::record::{FactRecord, Method};
 use crate::attribution::refine::{reselect, Reselect};
@@ -139,26 +138,6 @@ impl Progress for Bar {
     }
 }
 
-fn open_output(path: &Path, append: bool, force: bool) -> anyhow::Result<Box<dyn Write>> {
-    if path == Path::new("-") {
-        return Ok(Box::new(std::io::stdout().lock()));
-    }
-    if !append && !force && path.exists() {
-        bail!(
-            "{}: exists; use --resume to continue it, or --force to overwrite it",
-            path.display()
-        );
-    }
-    let file = OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(append)
-        .truncate(!append)
-        .open(path)
-        .with_context(|| format!("{}: cannot open for writing", path.display()))?;
-    Ok(Box::new(file))
-}
-
 pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     let options = args.options()?;
     if args.resume && args.out == Path::new("-") {
@@ -186,7 +165,7 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
             );
         }
     }
-    let out = open_output(&args.out, args.resume, args.force)?;
+    let out = open_output(&args.out, args.resume, args.force, true)?;
     let mut out = JsonlWriter::new(out, &args.out);
     let bar = Bar::new(args.model.quiet);
     if let Some(total) = count_pending(&args.fact, &run_options) {
@@ -253,7 +232,7 @@ pub(super) fn refine(args: RefineArgs) -> anyhow::Result<Outcome> {
         adaptive: args.adaptive,
     };
     let records = reselect(records, &how)?;
-    let mut out = JsonlWriter::new(open_output(&args.out, false, args.force)?, &args.out);
+    let mut out = JsonlWriter::new(open_output(&args.out, false, args.force, false)?, &args.out);
     for record in &records {
         out.write(record)?;
     }

@@ -4,13 +4,17 @@
 
 mod attribute;
 mod edit;
+mod pararel;
 mod predict;
 mod probe;
 mod report;
 
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
 use crate::error::Error;
@@ -42,6 +46,9 @@ enum Command {
     /// The paper's analyses as tables, plots and JSON (report.md, report.json) from
     /// kn attribute / refine, probe and edit outputs; a short summary on stdout.
     Report(report::ReportArgs),
+    /// ParaRel's patterns and facts as kn fact JSONL: every fact with every pattern of
+    /// its relation.
+    Pararel(pararel::PararelArgs),
 }
 
 /// Which model to load, and where to run it.
@@ -106,6 +113,39 @@ fn device_name(device: &candle_core::Device) -> &'static str {
     }
 }
 
+/// Opens `--out`: stdout for `-`; an existing file is appended to with `append`, replaced
+/// with `force`, and refused otherwise (`resumable`: the command has `--resume`, which
+/// the message then offers).
+fn open_output(
+    path: &Path,
+    append: bool,
+    force: bool,
+    resumable: bool,
+) -> anyhow::Result<Box<dyn Write>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::stdout().lock()));
+    }
+    if !append && !force && path.exists() {
+        let resume = if resumable {
+            "use --resume to continue it, or "
+        } else {
+            "use "
+        };
+        bail!(
+            "{}: exists; {resume}--force to overwrite it",
+            path.display()
+        );
+    }
+    let file = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+    Ok(Box::new(file))
+}
+
 /// Prints a per-line error as ripgrep does: once, prefixed, on stderr.
 fn report(error: &Error) {
     eprintln!("kn: {error}");
@@ -130,6 +170,7 @@ pub fn main() -> ExitCode {
         Command::Probe(args) => probe::run(args),
         Command::Edit(args) => edit::run(args),
         Command::Report(args) => report::run(args),
+        Command::Pararel(args) => pararel::run(args),
     };
     match outcome {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::load::{ModelFiles, ModelSource};
+use super::load::{ModelFiles, ModelSource, TokenizerFiles};
 use crate::error::{Error, Result};
 
 /// Config first, then the preferred tokenizer and weights files, falling back on the
@@ -30,60 +30,98 @@ fn env_truthy(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// Downloads (or finds in the cache) the files of `repo` at `revision`.
-pub fn fetch(repo: &str, revision: &str) -> Result<ModelFiles> {
-    let hub_error = |reason: String| Error::Hub {
-        repo: repo.to_string(),
-        revision: revision.to_string(),
-        reason,
-    };
-    let hf_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
-    let fetcher: Box<FetchFile> = if env_truthy("HF_HUB_OFFLINE") {
-        let cached = Cache::from_env().repo(hf_repo);
-        Box::new(move |file| Ok(cached.get(file)))
-    } else {
-        let mut builder = ApiBuilder::from_env().with_progress(std::io::stderr().is_terminal());
-        if let Ok(token) = std::env::var("HF_TOKEN") {
-            builder = builder.with_token(Some(token));
-        }
-        let api = builder
-            .build()
-            .map_err(|e| hub_error(format!("cannot set up the hub client: {e}")))?;
-        let remote: ApiRepo = api.repo(hf_repo);
-        Box::new(move |file| download(&remote, file))
-    };
-    let offline_hint = if env_truthy("HF_HUB_OFFLINE") {
-        " (HF_HUB_OFFLINE is set: only the local cache was searched)"
-    } else {
-        ""
-    };
+/// A repository at a revision, read through the hub client or, with `HF_HUB_OFFLINE`,
+/// from the local cache only.
+struct HubRepo {
+    repo: String,
+    revision: String,
+    fetch: Box<FetchFile>,
+    /// Appended to "not found" messages.
+    offline_hint: &'static str,
+    /// The snapshot folder of the first file found: every file of one commit is there.
+    snapshot: Option<PathBuf>,
+}
 
-    let mut snapshot: Option<PathBuf> = None;
-    let mut first_of = |choices: &[&str], required: bool| -> Result<()> {
+impl HubRepo {
+    fn open(repo: &str, revision: &str) -> Result<Self> {
+        let hf_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
+        let offline = env_truthy("HF_HUB_OFFLINE");
+        let fetch: Box<FetchFile> = if offline {
+            let cached = Cache::from_env().repo(hf_repo);
+            Box::new(move |file| Ok(cached.get(file)))
+        } else {
+            let mut builder = ApiBuilder::from_env().with_progress(std::io::stderr().is_terminal());
+            if let Ok(token) = std::env::var("HF_TOKEN") {
+                builder = builder.with_token(Some(token));
+            }
+            let api = builder.build().map_err(|e| Error::Hub {
+                repo: repo.to_string(),
+                revision: revision.to_string(),
+                reason: format!("cannot set up the hub client: {e}"),
+            })?;
+            let remote: ApiRepo = api.repo(hf_repo);
+            Box::new(move |file| download(&remote, file))
+        };
+        Ok(Self {
+            repo: repo.to_string(),
+            revision: revision.to_string(),
+            fetch,
+            offline_hint: if offline {
+                " (HF_HUB_OFFLINE is set: only the local cache was searched)"
+            } else {
+                ""
+            },
+            snapshot: None,
+        })
+    }
+
+    fn error(&self, reason: String) -> Error {
+        Error::Hub {
+            repo: self.repo.clone(),
+            revision: self.revision.clone(),
+            reason,
+        }
+    }
+
+    /// Gets the first of `choices` the repository has; an error when none is there and
+    /// the file is `required`.
+    fn first_of(&mut self, choices: &[&str], required: bool) -> Result<()> {
         for file in choices {
-            match fetcher(file).map_err(|e| hub_error(format!("{file}: {e}")))? {
-                Some(path) => {
-                    snapshot.get_or_insert_with(|| parent(&path));
-                    return Ok(());
-                }
-                None => continue,
+            if let Some(path) =
+                (self.fetch)(file).map_err(|e| self.error(format!("{file}: {e}")))?
+            {
+                self.snapshot.get_or_insert_with(|| parent(&path));
+                return Ok(());
             }
         }
         if required {
-            return Err(hub_error(format!(
-                "none of {} found{offline_hint}",
-                choices.join(", ")
+            return Err(self.error(format!(
+                "none of {} found{}",
+                choices.join(", "),
+                self.offline_hint
             )));
         }
         Ok(())
-    };
-    first_of(REQUIRED, true)?;
-    first_of(TOKENIZER_CHOICES, true)?;
-    first_of(WEIGHTS_CHOICES, true)?;
-    for file in OPTIONAL {
-        first_of(&[file], false)?;
     }
-    let snapshot = snapshot.ok_or_else(|| hub_error("no files".into()))?;
+
+    /// The snapshot folder holding the files fetched so far.
+    fn snapshot(&self) -> Result<PathBuf> {
+        self.snapshot
+            .clone()
+            .ok_or_else(|| self.error("no files".into()))
+    }
+}
+
+/// Downloads (or finds in the cache) the files of `repo` at `revision`.
+pub fn fetch(repo: &str, revision: &str) -> Result<ModelFiles> {
+    let mut hub = HubRepo::open(repo, revision)?;
+    hub.first_of(REQUIRED, true)?;
+    hub.first_of(TOKENIZER_CHOICES, true)?;
+    hub.first_of(WEIGHTS_CHOICES, true)?;
+    for file in OPTIONAL {
+        hub.first_of(&[file], false)?;
+    }
+    let snapshot = hub.snapshot()?;
     // The cache keeps one snapshot folder per commit: its name is the commit.
     let commit = snapshot
         .file_name()
@@ -96,6 +134,16 @@ pub fn fetch(repo: &str, revision: &str) -> Result<ModelFiles> {
         },
         commit,
     )
+}
+
+/// Downloads (or finds in the cache) only the tokenizer files of `repo` at `revision`.
+pub fn fetch_tokenizer(repo: &str, revision: &str) -> Result<TokenizerFiles> {
+    let mut hub = HubRepo::open(repo, revision)?;
+    hub.first_of(TOKENIZER_CHOICES, true)?;
+    for file in OPTIONAL {
+        hub.first_of(&[file], false)?;
+    }
+    TokenizerFiles::in_directory(&hub.snapshot()?)
 }
 
 fn parent(path: &Path) -> PathBuf {

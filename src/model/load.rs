@@ -117,6 +117,33 @@ pub enum TokenizerFiles {
     },
 }
 
+impl TokenizerFiles {
+    /// The tokenizer files of a Hugging Face layout directory: `tokenizer.json`, else
+    /// `vocab.txt` with `tokenizer_config.json` when there is one.
+    pub fn in_directory(dir: &Path) -> Result<Self> {
+        if dir.join("tokenizer.json").is_file() {
+            Ok(Self::Json(dir.join("tokenizer.json")))
+        } else if dir.join("vocab.txt").is_file() {
+            let tc = dir.join("tokenizer_config.json");
+            Ok(Self::Vocab {
+                vocab: dir.join("vocab.txt"),
+                config: tc.is_file().then_some(tc),
+            })
+        } else {
+            Err(Error::model(dir, "no tokenizer.json or vocab.txt"))
+        }
+    }
+
+    /// Finds only the tokenizer of `source`: a hub model's weights are not downloaded
+    /// (for commands that need a vocabulary, not a network).
+    pub fn locate(source: &ModelSource) -> Result<Self> {
+        match source {
+            ModelSource::Local(dir) => Self::in_directory(dir),
+            ModelSource::Hub { repo, revision } => super::hub::fetch_tokenizer(repo, revision),
+        }
+    }
+}
+
 /// The local files that make up a checkpoint, once found or downloaded.
 #[derive(Debug, Clone)]
 pub struct ModelFiles {
@@ -150,17 +177,7 @@ impl ModelFiles {
                 "no config.json: not a Hugging Face model directory",
             ));
         }
-        let tokenizer = if dir.join("tokenizer.json").is_file() {
-            TokenizerFiles::Json(dir.join("tokenizer.json"))
-        } else if dir.join("vocab.txt").is_file() {
-            let tc = dir.join("tokenizer_config.json");
-            TokenizerFiles::Vocab {
-                vocab: dir.join("vocab.txt"),
-                config: tc.is_file().then_some(tc),
-            }
-        } else {
-            return Err(Error::model(dir, "no tokenizer.json or vocab.txt"));
-        };
+        let tokenizer = TokenizerFiles::in_directory(dir)?;
         let weights = if dir.join("model.safetensors").is_file() {
             WeightsFile::Safetensors(dir.join("model.safetensors"))
         } else if dir.join("pytorch_model.bin").is_file() {

@@ -8,6 +8,7 @@ use candle_core::{Device, Tensor};
 
 use super::config::Config;
 use crate::error::{Error, Result};
+use crate::rng::SplitMix64;
 
 /// How a checkpoint names and ties its tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,54 +36,15 @@ impl Default for Layout {
     }
 }
 
-/// SplitMix64: a small, fast generator whose stream is the same on every machine and
-/// Rust version (weights here, control neurons in `kn probe`).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0), by rejection so that no value is favoured.
-    pub fn below(&mut self, n: u64) -> u64 {
-        let zone = u64::MAX - u64::MAX % n;
-        loop {
-            let x = self.next_u64();
-            if x < zone {
-                return x % n;
-            }
-        }
-    }
-}
-
-/// Deterministic normal samples (SplitMix64 + Box–Muller): the same seed gives the
-/// same weights on every machine.
+/// Deterministic normal samples: the same seed gives the same weights on every machine.
 struct Normal(SplitMix64);
 
 impl Normal {
-    fn next_u64(&mut self) -> u64 {
-        self.0.next_u64()
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn sample(&mut self) -> f32 {
-        let (u, v) = (self.uniform(), self.uniform());
-        ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
-    }
-
     fn tensor(&mut self, shape: &[usize], mean: f32, std: f32) -> Result<Tensor> {
         let n = shape.iter().product();
-        let data: Vec<f32> = (0..n).map(|_| mean + std * self.sample()).collect();
+        let data: Vec<f32> = (0..n)
+            .map(|_| mean + std * self.0.normal() as f32)
+            .collect();
         Ok(Tensor::from_vec(data, shape, &Device::Cpu)?)
     }
 }
@@ -95,7 +57,7 @@ pub fn random_tensors(
     seed: u64,
     std: f32,
 ) -> Result<HashMap<String, Tensor>> {
-    let mut rng = Normal(SplitMix64(seed));
+    let mut rng = Normal(SplitMix64::new(seed));
     let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let enc = if layout.bert_prefix { "bert." } else { "" };
     let (ln_w, ln_b) = if layout.gamma_beta {

@@ -1,0 +1,197 @@
+//! The bundled fact model (`data/fact-model`, trained by `examples/train-fact-model.rs`)
+//! and its facts (`data/facts.jsonl`): top-1 accuracy on training and held-out prompts,
+//! recomputed here with kn's library, equals the committed figures
+//! (`data/fact-model/training.json`) and meets the targets (≥ 90% and ≥ 50%); the
+//! weights carry `BertForMaskedLM`'s names; `kn attribute` finds refined neurons on it
+//! in seconds.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use kn::attribution::record::FactRecord;
+use kn::model::{LoadedModel, ModelFiles, ModelSource};
+use kn::predict::mask_distribution;
+use serde::Deserialize;
+
+fn data() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data"))
+}
+
+fn model_dir() -> PathBuf {
+    data().join("fact-model")
+}
+
+/// One line of `data/facts.jsonl`.
+#[derive(Debug, Deserialize)]
+struct FactLine {
+    id: String,
+    relation: String,
+    answer: String,
+    prompts: Vec<String>,
+    held_out_prompts: Vec<String>,
+}
+
+fn facts() -> Vec<FactLine> {
+    std::fs::read_to_string(data().join("facts.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn training_record() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(model_dir().join("training.json")).unwrap())
+        .unwrap()
+}
+
+#[test]
+fn top1_accuracy_equals_the_committed_figures_and_meets_the_targets() {
+    let lm = LoadedModel::load(
+        ModelFiles::locate(&ModelSource::Local(model_dir())).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let facts = facts();
+    let (mut train, mut train_correct, mut held, mut held_correct) = (0, 0, 0, 0);
+    let mut held_out_patterns: BTreeMap<&str, usize> = BTreeMap::new();
+    for fact in &facts {
+        assert!(
+            !fact.held_out_prompts.is_empty() && fact.held_out_prompts.len() < fact.prompts.len(),
+            "{}: some, not all, prompts are held out",
+            fact.id
+        );
+        *held_out_patterns.entry(&fact.relation).or_default() += fact.held_out_prompts.len();
+        let answer = lm.tokenizer.answer_id(&fact.answer).unwrap();
+        for held_out in &fact.held_out_prompts {
+            assert!(fact.prompts.contains(held_out), "{}: {held_out:?}", fact.id);
+        }
+        for prompt in &fact.prompts {
+            let top = mask_distribution(&lm, prompt, &()).unwrap().top_k(1)[0].0;
+            let hit = usize::from(top == answer);
+            if fact.held_out_prompts.contains(prompt) {
+                held += 1;
+                held_correct += hit;
+            } else {
+                train += 1;
+                train_correct += hit;
+            }
+        }
+    }
+    let record = training_record();
+    let count = |key: &str| record[key].as_u64().unwrap() as usize;
+    assert_eq!(count("facts"), facts.len());
+    assert_eq!(
+        (train, train_correct, held, held_correct),
+        (
+            count("train_prompts"),
+            count("train_correct"),
+            count("held_out_prompts"),
+            count("held_out_correct")
+        )
+    );
+    let relations: BTreeSet<&str> = facts.iter().map(|f| f.relation.as_str()).collect();
+    assert!(relations.len() >= 8, "{relations:?}");
+    assert_eq!(
+        held_out_patterns.len(),
+        relations.len(),
+        "every relation holds patterns out"
+    );
+    assert!(
+        train_correct as f64 >= 0.9 * train as f64,
+        "training prompts: {train_correct}/{train}"
+    );
+    assert!(
+        held_correct as f64 >= 0.5 * held as f64,
+        "held-out prompts: {held_correct}/{held}"
+    );
+}
+
+#[test]
+fn weights_are_named_as_bert_for_masked_lm_saves_them() {
+    let dir = model_dir();
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    for name in tensors.keys() {
+        assert!(
+            name.starts_with("bert.embeddings.")
+                || name.starts_with("bert.encoder.layer.")
+                || name.starts_with("cls.predictions."),
+            "{name}"
+        );
+    }
+    for name in [
+        "bert.embeddings.word_embeddings.weight",
+        "bert.embeddings.LayerNorm.weight",
+        "bert.encoder.layer.0.attention.self.query.weight",
+        "bert.encoder.layer.3.intermediate.dense.weight",
+        "bert.encoder.layer.3.output.dense.weight",
+        "cls.predictions.transform.dense.weight",
+        "cls.predictions.transform.LayerNorm.bias",
+        "cls.predictions.bias",
+    ] {
+        assert!(tensors.contains_key(name), "{name} missing");
+    }
+    // The decoder is tied to the word embeddings, as save_pretrained leaves it.
+    assert!(!tensors.contains_key("cls.predictions.decoder.weight"));
+    assert!(tensors.values().all(|t| t.dtype() == DType::F32));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "bert");
+    assert_eq!(config["architectures"][0], "BertForMaskedLM");
+    assert_eq!(
+        kn::model::load::sha256_file(&dir.join("model.safetensors")).unwrap(),
+        training_record()["weights_sha256"].as_str().unwrap(),
+        "training.json describes the committed weights"
+    );
+}
+
+#[test]
+fn attribute_finds_refined_neurons_of_the_first_fact_in_seconds() {
+    let text = std::fs::read_to_string(data().join("facts.jsonl")).unwrap();
+    let first = text.lines().next().unwrap();
+    let started = Instant::now();
+    let mut child = Command::new(assert_cmd::cargo::cargo_bin("kn"))
+        .args(["attribute", "--quiet", "--fact", "-", "--model"])
+        .arg(model_dir())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{first}\n").as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let elapsed = started.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records: Vec<FactRecord> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 1);
+    let record = &records[0];
+    let fact: FactLine = serde_json::from_str(first).unwrap();
+    assert_eq!(record.id, serde_json::Value::from(fact.id));
+    assert_eq!(record.prompts.len(), fact.prompts.len());
+    assert!(!record.refined.is_empty(), "no refined neurons");
+    // Even the test build (kn at opt-level 2) takes well under a second here; the
+    // bound leaves room for a loaded machine.
+    assert!(
+        elapsed < Duration::from_secs(30),
+        "kn attribute took {elapsed:?} for one fact"
+    );
+}
