@@ -91,7 +91,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Passes over the training prompts.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 5)]
     epochs: usize,
     /// Prompts per optimiser step.
     #[arg(long, default_value_t = 32)]

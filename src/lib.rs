@@ -21,6 +21,7 @@ pub mod cli;
 pub mod data;
 pub mod edit;
 pub mod error;
+pub mod findings;
 pub mod model;
 pub mod predict;
 pub mod probe;

@@ -153,7 +153,7 @@ fn probe_patch_changes_only_the_chosen_neurons_at_the_mask() {
 fn relation_level_neurons_are_left_out_of_updates() {
     let neurons = neurons_file();
     let fact = kn::data::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
-    // Shares in P1 (two facts): 1:5 is in both (1.0), 0:3 and 1:20 in one (0.5).
+    // P1 has two facts: 1:5 is in both (share 1.0), 0:3 and 1:20 in one (0.5).
     let (chosen, shared) = kn::edit::update_neurons(&neurons, &fact, 0.6);
     assert_eq!(
         chosen,
@@ -166,9 +166,21 @@ fn relation_level_neurons_are_left_out_of_updates() {
         ]
     );
     assert_eq!(shared, vec![Neuron { layer: 1, index: 5 }]);
+    // A neuron only this fact holds is its own, even where one fact is over 10%.
     let (chosen, shared) = kn::edit::update_neurons(&neurons, &fact, 0.1);
-    assert!(chosen.is_empty());
-    assert_eq!(shared.len(), 3);
+    assert_eq!(
+        chosen,
+        vec![
+            Neuron { layer: 0, index: 3 },
+            Neuron {
+                layer: 1,
+                index: 20
+            }
+        ]
+    );
+    assert_eq!(shared, vec![Neuron { layer: 1, index: 5 }]);
+    let (chosen, shared) = kn::edit::update_neurons(&neurons, &fact, 1.0);
+    assert_eq!((chosen.len(), shared.len()), (3, 0));
 }
 
 /// Column `index` of a `[rows, cols]` tensor.

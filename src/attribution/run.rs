@@ -200,7 +200,8 @@ pub fn run_attribute<W: Write>(
     Ok(summary)
 }
 
-fn into_fact(line: FactLine, id: serde_json::Value) -> std::result::Result<Fact, String> {
+/// A fact line as a [`Fact`] with `id`, or why it is not one.
+pub fn into_fact(line: FactLine, id: serde_json::Value) -> std::result::Result<Fact, String> {
     let answer = line.answer.ok_or("the fact has no \"answer\"")?;
     let prompts = match (line.prompts, line.prompt) {
         (Some(p), None) if !p.is_empty() => p,

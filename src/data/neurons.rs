@@ -100,6 +100,21 @@ impl NeuronsFile {
         Ok(file)
     }
 
+    /// A neurons file made in memory, named `path` in messages.
+    pub fn from_records(path: &Path, records: Vec<FactRecord>) -> Result<Self> {
+        let mut bytes = Vec::new();
+        for record in &records {
+            serde_json::to_writer(&mut bytes, record).map_err(|e| {
+                Error::io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+                )
+            })?;
+            bytes.push(b'\n');
+        }
+        Self::parse(path, &bytes)
+    }
+
     /// The record of a fact id.
     pub fn get(&self, id: &serde_json::Value) -> Option<&FactRecord> {
         self.by_id.get(&id.to_string()).map(|&i| &self.records[i])

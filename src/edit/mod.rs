@@ -245,8 +245,8 @@ pub fn apply_slots(model: &BertMaskedLm, slots: &[SlotEdit]) -> Result<BertMaske
 pub struct UpdateOptions {
     /// The rule.
     pub rule: UpdateRule,
-    /// Neurons held by more than this share of the relation's facts are left alone:
-    /// they carry the relation, not the fact.
+    /// Neurons held by more than this share of the relation's facts (and by more than
+    /// one fact) are left alone: they carry the relation, not the fact.
     pub max_relation_share: f64,
     /// A fact is edited only if the model's top-1 is its answer on at least this share
     /// of its prompts.
@@ -262,7 +262,10 @@ pub struct UpdateRequest<'a> {
     pub new_answer: String,
 }
 
-/// Which neurons an update touches: the refined set minus the relation-level neurons.
+/// Which neurons an update touches, and which it leaves alone: the refined set minus
+/// the relation-level neurons, those held by more than `max_relation_share` of the
+/// relation's facts. A neuron only this fact holds is never relation-level, however few
+/// facts the relation has (with fewer than 10 facts, 10% is less than one fact).
 pub fn update_neurons(
     neurons: &NeuronsFile,
     fact: &KnownFact,
@@ -275,8 +278,8 @@ pub fn update_neurons(
     let facts = neurons.relation_facts(relation).count().max(1);
     let counts = neurons.relation_counts(relation);
     refined.into_iter().partition(|n| {
-        let share = counts.get(n).copied().unwrap_or(0) as f64 / facts as f64;
-        share <= max_relation_share
+        let holders = counts.get(n).copied().unwrap_or(0);
+        holders <= 1 || holders as f64 / facts as f64 <= max_relation_share
     })
 }
 
