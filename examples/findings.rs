@@ -65,8 +65,8 @@ fn main() -> anyhow::Result<()> {
         })
         .collect();
     let options = FindingsOptions {
-        updates: 100,
-        eval_per_relation: 10,
+        updates: 40,
+        eval_per_relation: 5,
         seed: 0,
     };
     let start = std::time::Instant::now();

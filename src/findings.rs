@@ -15,7 +15,9 @@ use crate::attribution::select::RefinedNeuron;
 use crate::attribution::{model_info, AttributeOptions, Attributor, Fact};
 use crate::data::neurons::KnownFact;
 use crate::data::{stable_id_hash, JsonlWriter, LineErrors, NeuronsFile};
-use crate::edit::eval::{evaluate_edited, evaluate_gold, EditedFact, EvalFact};
+use crate::edit::eval::{
+    evaluate_edited, evaluate_gold_against, gold_baseline, EditedFact, EvalFact, GoldBaseline,
+};
 use crate::edit::{
     apply_slots, plan_erase, plan_update, EraseOptions, EraseValue, UpdateOptions, UpdateRequest,
     UpdateRule,
@@ -136,10 +138,11 @@ pub fn measure(
     let knowledge_neurons = neuron_findings(lm, &ig, options.seed)?;
     let baseline = neuron_findings(lm, &activation, options.seed)?;
     let eval = eval_facts(lm, &ig, options.eval_per_relation)?;
+    let baseline_gold = gold_baseline(lm, &eval)?;
     progress("updating");
-    let (update, update_random) = updates(lm, &ig, &eval, options)?;
+    let (update, update_random) = updates(lm, &ig, (&eval, &baseline_gold), options)?;
     progress("erasing");
-    let erase = erases(lm, &ig, &eval)?;
+    let erase = erases(lm, &ig, (&eval, &baseline_gold))?;
     Ok(Findings {
         facts: facts.len(),
         relations: ig.relations().len(),
@@ -211,7 +214,7 @@ fn eval_facts(
 fn updates(
     lm: &LoadedModel,
     neurons: &NeuronsFile,
-    eval: &[EvalFact],
+    (eval, baseline): (&[EvalFact], &GoldBaseline),
     options: &FindingsOptions,
 ) -> Result<(UpdateFindings, UpdateFindings)> {
     // Facts in turn from each relation, so that a few updates cover them all.
@@ -303,7 +306,8 @@ fn updates(
             let metrics = evaluate_edited(lm, &after, &edited)?;
             let relations = record.relation.iter().cloned().collect();
             let exclude: HashSet<String> = HashSet::from([record.id.to_string()]);
-            let (same, other, _) = evaluate_gold(lm, &after, eval, &relations, &exclude)?;
+            let (same, other, _) =
+                evaluate_gold_against(baseline, &after, eval, &relations, &exclude)?;
             results.push((slot, metrics, same, other));
         }
         if results.len() < 2 {
@@ -361,7 +365,7 @@ impl Sums {
 fn erases(
     lm: &LoadedModel,
     neurons: &NeuronsFile,
-    eval: &[EvalFact],
+    (eval, baseline): (&[EvalFact], &GoldBaseline),
 ) -> Result<Vec<EraseFindings>> {
     let options = EraseOptions {
         top: 20,
@@ -382,7 +386,8 @@ fn erases(
             ..lm.clone()
         };
         let relations = std::iter::once(relation.clone()).collect();
-        let (same, other, _) = evaluate_gold(lm, &after, eval, &relations, &HashSet::new())?;
+        let (same, other, _) =
+            evaluate_gold_against(baseline, &after, eval, &relations, &HashSet::new())?;
         let (Some(same), Some(other)) = (same, other) else {
             continue;
         };

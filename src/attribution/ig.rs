@@ -1,6 +1,6 @@
 //! Integrated gradients over FFN neurons (Dai et al. 2022, KN-SPEC.md).
 //!
-//! For one prompt and one layer L: let `w` be L's neurons at the [MASK] position in the
+//! For one prompt and one layer L: let `w` be L's neurons at the `[MASK]` position in the
 //! normal forward pass. Replace that whole vector by `α·w` (other positions and layers
 //! untouched) and let `P(α)` be the probability of the gold token at the mask. Then
 //!

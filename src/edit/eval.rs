@@ -110,11 +110,46 @@ fn probability(d: &MaskDistribution, id: u32) -> f64 {
     f64::from(d.probabilities[id as usize].max(f32::MIN_POSITIVE))
 }
 
+/// The evaluation facts' gold-answer counts in the unedited model, computed once and
+/// shared by every edit measured against it.
+#[derive(Debug, Clone)]
+pub struct GoldBaseline(Vec<GoldSums>);
+
+/// Scores every evaluation fact in the unedited model.
+pub fn gold_baseline(before: &LoadedModel, facts: &[EvalFact]) -> Result<GoldBaseline> {
+    facts
+        .iter()
+        .map(|f| {
+            Ok(GoldSums::of(
+                &mask_distributions(before, &f.prompts, &())?,
+                f.answer_id,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(GoldBaseline)
+}
+
 /// Gold accuracy and perplexity of the evaluation facts before and after, split into
 /// the facts of `relations` (same) and the others (`None` when a group has no fact), and
 /// per relation. Facts whose id is in `exclude` (the edited ones) are left out.
 pub fn evaluate_gold(
     before: &LoadedModel,
+    after: &LoadedModel,
+    facts: &[EvalFact],
+    relations: &BTreeSet<String>,
+    exclude: &HashSet<String>,
+) -> Result<(
+    Option<GroupMetrics>,
+    Option<GroupMetrics>,
+    Vec<GroupMetrics>,
+)> {
+    let baseline = gold_baseline(before, facts)?;
+    evaluate_gold_against(&baseline, after, facts, relations, exclude)
+}
+
+/// [`evaluate_gold`] with the unedited model's counts already made.
+pub fn evaluate_gold_against(
+    baseline: &GoldBaseline,
     after: &LoadedModel,
     facts: &[EvalFact],
     relations: &BTreeSet<String>,
@@ -133,14 +168,10 @@ pub fn evaluate_gold(
     let mut same = Group::default();
     let mut other = Group::default();
     let mut per_relation: BTreeMap<Option<String>, Group> = BTreeMap::new();
-    for fact in facts
-        .iter()
-        .filter(|f| !exclude.contains(&f.id.to_string()))
-    {
-        let b = GoldSums::of(
-            &mask_distributions(before, &fact.prompts, &())?,
-            fact.answer_id,
-        );
+    for (fact, &b) in facts.iter().zip(&baseline.0) {
+        if exclude.contains(&fact.id.to_string()) {
+            continue;
+        }
         let a = GoldSums::of(
             &mask_distributions(after, &fact.prompts, &())?,
             fact.answer_id,

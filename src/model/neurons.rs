@@ -28,7 +28,7 @@ pub enum NeuronOp {
     Set(f64),
 }
 
-/// Rewrites chosen neurons at one position per batch item (normally the [MASK]) and
+/// Rewrites chosen neurons at one position per batch item (normally the `[MASK]`) and
 /// leaves every other neuron, position and layer bit-for-bit untouched.
 #[derive(Debug, Clone)]
 pub struct NeuronPatch {
