@@ -154,31 +154,23 @@ fn relation_level_neurons_are_left_out_of_updates() {
     let neurons = neurons_file();
     let fact = kn::data::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
     // P1 has two facts: 1:5 is in both (share 1.0), 0:3 and 1:20 in one (0.5).
-    let (chosen, shared) = kn::edit::update_neurons(&neurons, &fact, 0.6);
+    let own = vec![
+        Neuron { layer: 0, index: 3 },
+        Neuron {
+            layer: 1,
+            index: 20,
+        },
+    ];
+    let relation_level = vec![Neuron { layer: 1, index: 5 }];
     assert_eq!(
-        chosen,
-        vec![
-            Neuron { layer: 0, index: 3 },
-            Neuron {
-                layer: 1,
-                index: 20
-            }
-        ]
+        kn::edit::update_neurons(&neurons, &fact, 0.6),
+        (own.clone(), relation_level.clone())
     );
-    assert_eq!(shared, vec![Neuron { layer: 1, index: 5 }]);
     // A neuron only this fact holds is its own, even where one fact is over 10%.
-    let (chosen, shared) = kn::edit::update_neurons(&neurons, &fact, 0.1);
     assert_eq!(
-        chosen,
-        vec![
-            Neuron { layer: 0, index: 3 },
-            Neuron {
-                layer: 1,
-                index: 20
-            }
-        ]
+        kn::edit::update_neurons(&neurons, &fact, 0.1),
+        (own, relation_level)
     );
-    assert_eq!(shared, vec![Neuron { layer: 1, index: 5 }]);
     let (chosen, shared) = kn::edit::update_neurons(&neurons, &fact, 1.0);
     assert_eq!((chosen.len(), shared.len()), (3, 0));
 }
