@@ -24,8 +24,9 @@ use crate::edit::{
 };
 use crate::error::Result;
 use crate::model::LoadedModel;
+use crate::predict::encode_prompts;
 use crate::probe::{
-    encode_prompts, random_control, run_probe, ControlKind, Effect, ProbeMode, ProbeOptions, Prober,
+    random_control, run_probe, ControlKind, Effect, ProbeMode, ProbeOptions, Prober,
 };
 use crate::report::stats::{
     layer_distribution, neurons_per_fact, shared_neurons, Fact as StatFact,

@@ -158,6 +158,22 @@ pub fn mask_distribution(
     })
 }
 
+/// Tokenizes prompts for a batch, naming the failing prompt.
+pub fn encode_prompts(lm: &LoadedModel, prompts: &[String]) -> Result<Vec<EncodedPrompt>> {
+    if prompts.is_empty() {
+        return Err(Error::Prompt("the fact has no prompts".into()));
+    }
+    prompts
+        .iter()
+        .enumerate()
+        .map(|(n, prompt)| {
+            lm.tokenizer
+                .encode_prompt(prompt)
+                .map_err(|e| Error::Prompt(format!("prompt {}: {e}", n + 1)))
+        })
+        .collect()
+}
+
 /// Runs several prompts as one padded batch (with `hook` on the neurons) and returns
 /// the distribution at each one's mask, in order. Padded keys get zero attention weight,
 /// so each row equals its own unpadded forward pass.

@@ -34,7 +34,7 @@ use crate::data::neurons::{refined_neurons, KnownFact};
 use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, NeuronsFile};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel, Neuron, NeuronOp, NeuronPatch};
-use crate::predict::{mask_distributions, RunSummary};
+use crate::predict::{encode_prompts, mask_distributions, RunSummary};
 use crate::rng::SplitMix64;
 
 /// What is done to the neurons.
@@ -329,22 +329,6 @@ pub fn random_control(
     }
     control.sort();
     Ok(control)
-}
-
-/// Tokenizes prompts for a batch, naming the failing prompt.
-pub fn encode_prompts(lm: &LoadedModel, prompts: &[String]) -> Result<Vec<EncodedPrompt>> {
-    if prompts.is_empty() {
-        return Err(Error::Prompt("the fact has no prompts".into()));
-    }
-    prompts
-        .iter()
-        .enumerate()
-        .map(|(n, prompt)| {
-            lm.tokenizer
-                .encode_prompt(prompt)
-                .map_err(|e| Error::Prompt(format!("prompt {}: {e}", n + 1)))
-        })
-        .collect()
 }
 
 /// The patch that applies `op` to `neurons` at each prompt's mask position.

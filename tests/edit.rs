@@ -18,8 +18,8 @@ use kn::edit::{
 use kn::model::load::read_tensors;
 use kn::model::random::Layout;
 use kn::model::{FfnHook, LoadedModel, ModelFiles, ModelSource, Neuron, NeuronOp};
-use kn::predict::mask_distributions;
-use kn::probe::{encode_prompts, mask_patch};
+use kn::predict::{encode_prompts, mask_distributions};
+use kn::probe::mask_patch;
 use serde_json::json;
 
 use common::{kn, tiny_model};

@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use sha2::{Digest, Sha256};
 
 use super::{load_model, report, Outcome};
 use crate::attribution::model_info;
@@ -19,8 +18,9 @@ use crate::edit::{
     apply_slots, plan_erase, plan_update, EditPlan, EraseOptions, EraseValue, UpdateOptions,
     UpdateRequest, UpdateRule,
 };
+use crate::model::load::sha256_bytes;
 use crate::model::{DeviceChoice, LoadedModel};
-use crate::probe::encode_prompts;
+use crate::predict::encode_prompts;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum RuleArg {
@@ -164,7 +164,6 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
     }];
 
     // Everything the run needs is read and checked before anything is written.
-    let mut bad = 0;
     let mut report_line = report;
     let mut errors = LineErrors::new(false, &mut report_line);
     let (plan, rule, value, edited) = match (&args.update, update_bytes) {
@@ -172,10 +171,9 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
             inputs.push(InputRecord {
                 role: "update".into(),
                 path: path.display().to_string(),
-                sha256: hex_sha256(&bytes),
+                sha256: sha256_bytes(&bytes),
             });
             let requests = read_updates(&lm, &neurons, path, bytes, &mut errors)?;
-            bad += errors.failed;
             let rule = match args.rule {
                 RuleArg::Scaled => UpdateRule::Scaled {
                     lambda_old: args.lambda_old,
@@ -190,9 +188,10 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 max_relation_share: args.max_relation_share,
                 min_correct: args.min_correct,
             };
-            if bad > 0 {
+            if errors.failed > 0 {
                 bail!(
-                    "{bad} line(s) of {} are not usable (see above); nothing was written",
+                    "{} line(s) of {} are not usable (see above); nothing was written",
+                    errors.failed,
                     path.display()
                 );
             }
@@ -303,13 +302,6 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
         bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     }
     Ok(bytes)
-}
-
-fn hex_sha256(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 /// Parses the --update file: every line must name a fact of the neurons file and a new

@@ -5,11 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use crate::attribution::record::{FactLine, FactRecord};
 use crate::attribution::run::fact_id;
 use crate::error::{Error, Result};
+use crate::model::load::sha256_bytes;
 use crate::model::{Config, Neuron};
 
 /// A whole neurons file, indexed by fact id and relation.
@@ -61,10 +60,7 @@ impl NeuronsFile {
         })?;
         let mut file = Self {
             path: path.to_path_buf(),
-            sha256: Sha256::digest(bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect(),
+            sha256: sha256_bytes(bytes),
             records: Vec::new(),
             lines: Vec::new(),
             by_id: HashMap::new(),

@@ -14,8 +14,8 @@ use crate::attribution::run::fact_id;
 use crate::data::{JsonlInput, LineErrors};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel};
+use crate::predict::encode_prompts;
 use crate::predict::{mask_distributions, MaskDistribution};
-use crate::probe::encode_prompts;
 
 /// A fact to evaluate on, tokenized.
 #[derive(Debug, Clone)]

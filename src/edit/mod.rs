@@ -25,8 +25,8 @@ use crate::data::neurons::{refined_neurons, KnownFact};
 use crate::data::NeuronsFile;
 use crate::error::{Error, Result};
 use crate::model::{BertMaskedLm, LoadedModel, Neuron};
+use crate::predict::encode_prompts;
 use crate::predict::mask_distributions;
-use crate::probe::encode_prompts;
 use record::{FactEdit, RelationErase, Skipped};
 
 /// How an update moves a value slot `v` from the old answer's embedding `E_t` to the
