@@ -20,6 +20,8 @@ use crate::model::bert::{LayerNorm, Linear};
 use crate::model::config::Activation;
 use crate::model::BertMaskedLm;
 
+use super::simd;
+
 /// The float types the engine runs in: f32 for work, f64 for gradient checks.
 pub trait Real: Float + AddAssign + Debug + Send + Sync + std::iter::Sum + 'static {
     /// candle's dtype for this type.
@@ -30,8 +32,30 @@ pub trait Real: Float + AddAssign + Debug + Send + Sync + std::iter::Sum + 'stat
     fn erf(self) -> Self;
     /// Tensor → flat vector.
     fn from_tensor(t: &Tensor) -> Result<Vec<Self>>;
+    /// `value = f(pre)`, `slope = f'(pre)`, elementwise.
+    fn activate(kind: Activation, pre: &[Self], value: &mut [Self], slope: &mut [Self]) {
+        for ((&x, v), s) in pre.iter().zip(value.iter_mut()).zip(slope.iter_mut()) {
+            *v = act(kind, x);
+            *s = act_grad(kind, x);
+        }
+    }
+    /// `x = eˣ`, elementwise.
+    fn exp_in_place(x: &mut [Self]) {
+        for v in x.iter_mut() {
+            *v = v.exp();
+        }
+    }
+    /// `Σ a_i b_i`.
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        a.iter().zip(b).fold(Self::zero(), |s, (&x, &y)| s + x * y)
+    }
+    /// `Σ a_i`.
+    fn sum_slice(a: &[Self]) -> Self {
+        a.iter().copied().sum()
+    }
 }
 
+/// f32 runs the vectorised kernels of [`simd`]; results differ from libm's by a few ulp.
 impl Real for f32 {
     const DTYPE: DType = DType::F32;
     fn of(x: f64) -> Self {
@@ -43,8 +67,21 @@ impl Real for f32 {
     fn from_tensor(t: &Tensor) -> Result<Vec<Self>> {
         Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
     }
+    fn activate(kind: Activation, pre: &[Self], value: &mut [Self], slope: &mut [Self]) {
+        simd::activate(kind, pre, value, slope)
+    }
+    fn exp_in_place(x: &mut [Self]) {
+        simd::exp_in_place(x)
+    }
+    fn dot(a: &[Self], b: &[Self]) -> Self {
+        simd::dot(a, b)
+    }
+    fn sum_slice(a: &[Self]) -> Self {
+        simd::sum(a)
+    }
 }
 
+/// f64 (the gradient checks) keeps libm and plain sums: the reference arithmetic.
 impl Real for f64 {
     const DTYPE: DType = DType::F64;
     fn of(x: f64) -> Self {
@@ -81,6 +118,47 @@ pub fn matmul<F: Real>(
         }
         return;
     }
+    // Large products: the rows of C split evenly between the threads, each part one
+    // single-threaded product (BLAS threads would spin through the attention and
+    // elementwise work that runs between products on the same cores).
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m >= 32 * threads && m * n * k >= PARALLEL_WORK {
+        let rows = m.div_ceil(threads).next_multiple_of(16);
+        c[..m * n]
+            .par_chunks_mut(rows * n)
+            .zip(a[..m * k].par_chunks(rows * k))
+            .for_each(|(c_part, a_part)| {
+                matmul_serial(
+                    c_part.len() / n,
+                    n,
+                    k,
+                    a_part,
+                    b,
+                    b_is_nk,
+                    c_part,
+                    accumulate,
+                )
+            });
+        return;
+    }
+    matmul_serial(m, n, k, a, b, b_is_nk, c, accumulate);
+}
+
+/// Multiply-adds below which a product runs on one thread.
+const PARALLEL_WORK: usize = 1 << 22;
+
+/// [`matmul`] on the calling thread.
+#[allow(clippy::too_many_arguments)]
+fn matmul_serial<F: Real>(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[F],
+    b: &[F],
+    b_is_nk: bool,
+    c: &mut [F],
+    accumulate: bool,
+) {
     #[cfg(feature = "openblas")]
     if blas::gemm(m, n, k, a, b, b_is_nk, c, accumulate) {
         return;
@@ -90,10 +168,9 @@ pub fn matmul<F: Real>(
     } else {
         (1, n as isize)
     };
-    // Single-threaded: the IG loop runs layers in parallel, which keeps every core busy
-    // between products too (threads inside each product idle there).
     let parallelism = gemm::Parallelism::None;
-    // SAFETY: the asserts above bound every index gemm computes from these strides.
+    // SAFETY: `matmul` checked the slice lengths against m, n and k, which bound every
+    // index gemm computes from these strides.
     unsafe {
         gemm::gemm(
             m,
@@ -188,7 +265,7 @@ mod blas {
         let ldb = if b_is_nk { k } else { n } as c_int;
         let beta = if accumulate { 1.0 } else { 0.0 };
         let (m, n, k) = (m as c_int, n as c_int, k as c_int);
-        // As for gemm: parallelism is across layers, so BLAS threads would only spin.
+        // kn splits products between threads itself (see `matmul`).
         // SAFETY: a plain setter of OpenBLAS's thread count.
         SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
         // SAFETY: the caller checked the slice lengths against m, n and k; the casts
@@ -249,13 +326,7 @@ impl<F: Real> Dense<F> {
 
     /// `x [rows, in]` → `[rows, out]`
     fn forward(&self, x: &[F], rows: usize) -> Vec<F> {
-        let mut y: Vec<F> = self
-            .bias
-            .iter()
-            .copied()
-            .cycle()
-            .take(rows * self.out)
-            .collect();
+        let mut y = repeat_rows(&self.bias, rows);
         matmul(
             rows,
             self.out,
@@ -315,18 +386,22 @@ impl<F: Real> Norm<F> {
         let mut y = vec![F::zero(); x.len()];
         let mut xhat = vec![F::zero(); x.len()];
         let mut rstd = vec![F::zero(); rows];
-        for r in 0..rows {
-            let row = &x[r * h..(r + 1) * h];
-            let mean = row.iter().copied().sum::<F>() / n;
-            let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<F>() / n;
-            let rs = (var + self.eps).sqrt().recip();
-            rstd[r] = rs;
-            for j in 0..h {
-                let xh = (row[j] - mean) * rs;
-                xhat[r * h + j] = xh;
-                y[r * h + j] = xh * self.gamma[j] + self.beta[j];
-            }
-        }
+        y.par_chunks_mut(h)
+            .zip(xhat.par_chunks_mut(h))
+            .zip(rstd.par_iter_mut())
+            .zip(x.par_chunks(h))
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(((y, xh), rs), row)| {
+                let mean = F::sum_slice(row) / n;
+                for (c, &v) in xh.iter_mut().zip(row) {
+                    *c = v - mean;
+                }
+                *rs = (F::dot(xh, xh) / n + self.eps).sqrt().recip();
+                for j in 0..h {
+                    xh[j] = xh[j] * *rs;
+                    y[j] = xh[j] * self.gamma[j] + self.beta[j];
+                }
+            });
         (y, NormCache { xhat, rstd })
     }
 
@@ -334,29 +409,67 @@ impl<F: Real> Norm<F> {
         let h = self.gamma.len();
         let n = F::of(h as f64);
         let mut dx = vec![F::zero(); dy.len()];
-        for (r, &rs) in cache.rstd.iter().enumerate() {
-            let xh = &cache.xhat[r * h..(r + 1) * h];
-            let g = &dy[r * h..(r + 1) * h];
-            let mut mean_d = F::zero();
-            let mut mean_dx = F::zero();
-            for j in 0..h {
-                let d = g[j] * self.gamma[j];
-                mean_d += d;
-                mean_dx += d * xh[j];
-            }
-            mean_d = mean_d / n;
-            mean_dx = mean_dx / n;
-            for j in 0..h {
-                let d = g[j] * self.gamma[j];
-                dx[r * h + j] = rs * (d - mean_d - xh[j] * mean_dx);
-            }
-        }
+        dx.par_chunks_mut(h)
+            .zip(dy.par_chunks(h))
+            .zip(cache.xhat.par_chunks(h))
+            .zip(cache.rstd.par_iter())
+            .with_min_len(ROWS_PER_TASK)
+            .for_each(|(((dx, g), xh), &rs)| {
+                // dx first holds γ ⊙ dy.
+                for j in 0..h {
+                    dx[j] = g[j] * self.gamma[j];
+                }
+                let mean_d = F::sum_slice(dx) / n;
+                let mean_dx = F::dot(dx, xh) / n;
+                for j in 0..h {
+                    dx[j] = rs * (dx[j] - mean_d - xh[j] * mean_dx);
+                }
+            });
         dx
     }
 }
 
+/// Elements per rayon task in elementwise work.
+const ELEMENTS_PER_TASK: usize = 1 << 14;
+
+/// `row` repeated `rows` times, `[rows, len]`.
+fn repeat_rows<F: Real>(row: &[F], rows: usize) -> Vec<F> {
+    let mut out = vec![F::zero(); rows * row.len()];
+    out.par_chunks_mut(row.len())
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|r| r.copy_from_slice(row));
+    out
+}
+
+/// `y += x`, elementwise, in parallel.
+fn add_in_place<F: Real>(y: &mut [F], x: &[F]) {
+    y.par_chunks_mut(ELEMENTS_PER_TASK)
+        .zip(x.par_chunks(ELEMENTS_PER_TASK))
+        .for_each(|(y, x)| {
+            for (a, &b) in y.iter_mut().zip(x) {
+                *a += b;
+            }
+        });
+}
+
+/// Rows of a LayerNorm (or positions of attention) per rayon task.
+const ROWS_PER_TASK: usize = 16;
+
+/// `f(pre)` and `f'(pre)` of a whole buffer, in parallel.
+fn activate<F: Real>(kind: Activation, pre: &[F]) -> (Vec<F>, Vec<F>) {
+    const PER_TASK: usize = ELEMENTS_PER_TASK;
+    let mut value = vec![F::zero(); pre.len()];
+    let mut slope = vec![F::zero(); pre.len()];
+    value
+        .par_chunks_mut(PER_TASK)
+        .zip(slope.par_chunks_mut(PER_TASK))
+        .zip(pre.par_chunks(PER_TASK))
+        .for_each(|((v, s), p)| F::activate(kind, p, v, s));
+    (value, slope)
+}
+
 /// The activation function and its derivative.
-fn act<F: Real>(kind: Activation, x: F) -> F {
+pub(crate) fn act<F: Real>(kind: Activation, x: F) -> F {
     let half = F::of(0.5);
     match kind {
         Activation::GeluErf => {
@@ -370,7 +483,8 @@ fn act<F: Real>(kind: Activation, x: F) -> F {
     }
 }
 
-fn act_grad<F: Real>(kind: Activation, x: F) -> F {
+/// The derivative of [`act`].
+pub(crate) fn act_grad<F: Real>(kind: Activation, x: F) -> F {
     let half = F::of(0.5);
     match kind {
         Activation::GeluErf => {
@@ -428,7 +542,8 @@ pub struct BlockCache<F> {
     v: Vec<F>,
     probs: Vec<F>,
     attn_norm: NormCache<F>,
-    pre_act: Vec<F>,
+    /// f'(pre-activation) of the FFN neurons, `[B·Q, I]`.
+    slope: Vec<F>,
     out_norm: NormCache<F>,
 }
 
@@ -462,6 +577,15 @@ pub struct BaseForward<F> {
     pub neurons: Vec<Vec<F>>,
     /// Vocabulary probabilities at the mask.
     pub probabilities: Vec<F>,
+}
+
+/// One layer's result of [`Engine::gradients`].
+#[derive(Debug, Clone)]
+pub struct LayerGradients<F> {
+    /// `P(gold)` at each integration point, `[B]`.
+    pub probabilities: Vec<F>,
+    /// `dP/d(neurons)` at each point, `[B, I]`.
+    pub gradients: Vec<F>,
 }
 
 impl<F: Real> Engine<F> {
@@ -518,7 +642,7 @@ impl<F: Real> Engine<F> {
         let mut neurons = Vec::new();
         for block in &self.blocks {
             let x = inputs.last().expect("input");
-            let (out, cache) = self.block_forward(block, x, 1, seq, Rows::All);
+            let (out, cache, activated) = self.block_forward(block, x, 1, seq, Rows::All);
             // The FFN input at the mask, from the normalised row LayerNorm kept.
             let xhat = &cache.attn_norm.xhat[mask * h..(mask + 1) * h];
             let norm = &block.attn_norm;
@@ -528,8 +652,8 @@ impl<F: Real> Engine<F> {
                     .map(|(&x, (&g, &b))| x * g + b)
                     .collect(),
             );
-            let pre = &cache.pre_act[mask * self.intermediate..(mask + 1) * self.intermediate];
-            neurons.push(pre.iter().map(|&v| act(self.activation, v)).collect());
+            let width = self.intermediate;
+            neurons.push(activated[mask * width..(mask + 1) * width].to_vec());
             inputs.push(out);
         }
         let top = &inputs.last().expect("output")[mask * h..(mask + 1) * h];
@@ -554,101 +678,162 @@ impl<F: Real> Engine<F> {
         alphas: &[F],
         gold: usize,
     ) -> (Vec<F>, Vec<F>) {
-        let (h, i, seq, mask) = (self.hidden, self.intermediate, base.seq, base.mask);
+        let result = self
+            .gradients(base, &[layer], alphas, gold)
+            .pop()
+            .expect("one layer");
+        (result.probabilities, result.gradients)
+    }
+
+    /// [`Self::scaled_gradients`] for several layers (ascending, distinct) in one pass.
+    ///
+    /// Each layer L is a *group* of `B` sequences (one per α) that differ from the normal
+    /// forward pass from L's mask row on. The groups go up the model stacked: at layer d
+    /// every group with L < d is one batch, so each weight matrix is read once per layer
+    /// for all groups, the products are large enough to keep every core busy, and the
+    /// MLM head (its vocabulary-sized decoder) runs once for all groups. The backward
+    /// pass comes down the same way; a group leaves the stack at the layer it entered.
+    pub fn gradients(
+        &self,
+        base: &BaseForward<F>,
+        layers: &[usize],
+        alphas: &[F],
+        gold: usize,
+    ) -> Vec<LayerGradients<F>> {
+        assert!(
+            layers.windows(2).all(|w| w[0] < w[1]),
+            "layers ascending, distinct"
+        );
+        let Some(&first) = layers.first() else {
+            return Vec::new();
+        };
+        let (h, seq, mask) = (self.hidden, base.seq, base.mask);
         let batch = alphas.len();
-        let block = &self.blocks[layer];
-        let w = &base.neurons[layer];
-
-        // Layer `layer` from its neurons on, at the mask row only: the other rows of its
-        // output do not depend on the neurons at the mask.
-        let neurons: Vec<F> = alphas
-            .iter()
-            .flat_map(|&a| w.iter().map(move |&x| a * x))
-            .collect();
-        let mut pre = block.down.forward(&neurons, batch);
-        for row in pre.chunks_mut(h) {
-            for (p, &r) in row.iter_mut().zip(&base.attended[layer]) {
-                *p += r;
-            }
-        }
-        let (mask_rows, norm_cache) = block.out_norm.forward(&pre);
-
-        // The layers above, on the batch, caching what their backward needs.
         let last = self.blocks.len() - 1;
+        let group_of = |layer: usize| layers.iter().position(|&l| l == layer);
+
+        // Each group's own layer from its neurons on, at the mask row only: the other
+        // rows of that layer's output do not depend on the neurons at the mask.
+        let own: Vec<(Vec<F>, NormCache<F>)> = layers
+            .iter()
+            .map(|&layer| {
+                let block = &self.blocks[layer];
+                let w = &base.neurons[layer];
+                let neurons: Vec<F> = alphas
+                    .iter()
+                    .flat_map(|&a| w.iter().map(move |&x| a * x))
+                    .collect();
+                let mut pre = block.down.forward(&neurons, batch);
+                for row in pre.chunks_mut(h) {
+                    for (p, &r) in row.iter_mut().zip(&base.attended[layer]) {
+                        *p += r;
+                    }
+                }
+                block.out_norm.forward(&pre)
+            })
+            .collect();
+
+        // Up: at layer d the group of layer d − 1 joins the stack (the normal input of d
+        // with its mask rows), after the groups already there. The top layer computes
+        // only the mask rows, which are all the head reads.
+        let mut x: Vec<F> = Vec::new();
+        let mut stacked = 0;
         let mut caches = Vec::new();
-        let top = if layer == last {
-            mask_rows
-        } else {
-            let next = &base.inputs[layer + 1];
-            let mut x = Vec::with_capacity(batch * seq * h);
-            for b in 0..batch {
-                x.extend_from_slice(&next[..mask * h]);
-                x.extend_from_slice(&mask_rows[b * h..(b + 1) * h]);
-                x.extend_from_slice(&next[(mask + 1) * h..]);
+        for depth in first + 1..=last {
+            if let Some(g) = group_of(depth - 1) {
+                let normal = &base.inputs[depth];
+                for row in own[g].0.chunks(h) {
+                    x.extend_from_slice(&normal[..mask * h]);
+                    x.extend_from_slice(row);
+                    x.extend_from_slice(&normal[(mask + 1) * h..]);
+                }
+                stacked += 1;
             }
-            for l in layer + 1..=last {
-                let rows = if l == last {
-                    Rows::One(mask)
-                } else {
-                    Rows::All
-                };
-                let (out, cache) = self.block_forward(&self.blocks[l], &x, batch, seq, rows);
-                caches.push(cache);
-                x = out;
-            }
-            x
-        };
+            let rows = if depth == last {
+                Rows::One(mask)
+            } else {
+                Rows::All
+            };
+            let (out, cache, _) =
+                self.block_forward(&self.blocks[depth], &x, stacked * batch, seq, rows);
+            caches.push((depth, stacked, cache));
+            x = out;
+        }
+        // The head's rows, group by group: those of the stack, then the top layer's own.
+        let mut top = x;
+        if let Some(g) = group_of(last) {
+            top.extend_from_slice(&own[g].0);
+        }
 
-        // Head and the gold probability's gradient.
-        let (probs, head_cache) = self.head_probabilities(&top, batch);
+        // Head and the gold probability's gradient, dP_gold/dz_j = P_gold (δ_gold,j − p_j).
+        let rows = layers.len() * batch;
+        let (mut d_logits, head_cache) = self.head_probabilities(&top, rows);
         let v = self.vocab;
-        let gold_p: Vec<F> = (0..batch).map(|b| probs[b * v + gold]).collect();
-        // dP_gold/dz_j = P_gold (δ_gold,j − p_j)
-        let mut d_logits = vec![F::zero(); batch * v];
-        for b in 0..batch {
-            for j in 0..v {
-                let delta = if j == gold { F::one() } else { F::zero() };
-                d_logits[b * v + j] = gold_p[b] * (delta - probs[b * v + j]);
+        let gold_p: Vec<F> = (0..rows).map(|r| d_logits[r * v + gold]).collect();
+        d_logits
+            .par_chunks_mut(v)
+            .zip(gold_p.par_iter())
+            .for_each(|(row, &p)| {
+                for z in row.iter_mut() {
+                    *z = -p * *z;
+                }
+                row[gold] += p;
+            });
+        let mut d = self.head_backward(&d_logits, &head_cache, rows);
+        drop(d_logits);
+
+        // Down: at the layer where a group joined, its gradient at the mask rows goes
+        // into its own layer, and the group leaves the stack.
+        let mut d_own: Vec<Option<Vec<F>>> = vec![None; layers.len()];
+        let mut own_backward = |g: usize, d_mask_rows: &[F]| {
+            let block = &self.blocks[layers[g]];
+            let d_pre = block.out_norm.backward(d_mask_rows, &own[g].1);
+            let mut d_neurons = vec![F::zero(); batch * self.intermediate];
+            block
+                .down
+                .backward_input(&d_pre, batch, &mut d_neurons, false);
+            d_own[g] = Some(d_neurons);
+        };
+        if let Some(g) = group_of(last) {
+            own_backward(g, &d[g * batch * h..]);
+            d.truncate(g * batch * h);
+        }
+        while let Some((depth, stacked, cache)) = caches.pop() {
+            // The group that joined here needs its gradient at the mask rows only.
+            let joined = group_of(depth - 1);
+            let full = stacked - usize::from(joined.is_some());
+            d = self.block_backward(
+                &self.blocks[depth],
+                &cache,
+                &d,
+                stacked * batch,
+                full * batch,
+                mask,
+            );
+            drop(cache);
+            if let Some(g) = joined {
+                let start = g * batch * seq * h;
+                own_backward(g, &d[start..]);
+                d.truncate(start);
             }
         }
-        let mut d = self.head_backward(&d_logits, &head_cache, batch);
 
-        // Back down to layer `layer + 1`'s input, then to the mask row of it.
-        for (l, cache) in (layer + 1..last + 1).zip(&caches).rev() {
-            d = self.block_backward(&self.blocks[l], cache, &d, batch);
-        }
-        let d_mask_rows: Vec<F> = if layer == last {
-            d
-        } else {
-            (0..batch)
-                .flat_map(|b| {
-                    d[(b * seq + mask) * h..(b * seq + mask + 1) * h]
-                        .iter()
-                        .copied()
-                })
-                .collect()
-        };
-        let d_pre = block.out_norm.backward(&d_mask_rows, &norm_cache);
-        let mut d_neurons = vec![F::zero(); batch * i];
-        block
-            .down
-            .backward_input(&d_pre, batch, &mut d_neurons, false);
-        (gold_p, d_neurons)
+        d_own
+            .into_iter()
+            .zip(gold_p.chunks(batch))
+            .map(|(gradients, p)| LayerGradients {
+                probabilities: p.to_vec(),
+                gradients: gradients.expect("every group left the stack"),
+            })
+            .collect()
     }
 
     /// Head on `[B, H]` rows: probabilities `[B, V]` and what the backward needs.
     fn head_probabilities(&self, top: &[F], batch: usize) -> (Vec<F>, HeadCache<F>) {
-        let pre = self.head_dense.forward(top, batch);
-        let activated: Vec<F> = pre.iter().map(|&x| act(self.activation, x)).collect();
+        let (activated, slope) = activate(self.activation, &self.head_dense.forward(top, batch));
         let (normed, norm) = self.head_norm.forward(&activated);
         let v = self.vocab;
-        let mut logits: Vec<F> = self
-            .decoder_bias
-            .iter()
-            .copied()
-            .cycle()
-            .take(batch * v)
-            .collect();
+        let mut logits = repeat_rows(&self.decoder_bias, batch);
         matmul(
             batch,
             v,
@@ -659,18 +844,18 @@ impl<F: Real> Engine<F> {
             &mut logits,
             true,
         );
-        for row in logits.chunks_mut(v) {
+        logits.par_chunks_mut(v).for_each(|row| {
             let max = row.iter().copied().fold(F::neg_infinity(), F::max);
-            let mut sum = F::zero();
             for z in row.iter_mut() {
-                *z = (*z - max).exp();
-                sum += *z;
+                *z = *z - max;
             }
+            F::exp_in_place(row);
+            let sum = F::sum_slice(row);
             for z in row.iter_mut() {
                 *z = *z / sum;
             }
-        }
-        (logits, HeadCache { pre, norm })
+        });
+        (logits, HeadCache { slope, norm })
     }
 
     fn head_backward(&self, d_logits: &[F], cache: &HeadCache<F>, batch: usize) -> Vec<F> {
@@ -687,8 +872,8 @@ impl<F: Real> Engine<F> {
             false,
         );
         let mut d_act = self.head_norm.backward(&d_normed, &cache.norm);
-        for (d, &x) in d_act.iter_mut().zip(&cache.pre) {
-            *d = *d * act_grad(self.activation, x);
+        for (d, &s) in d_act.iter_mut().zip(&cache.slope) {
+            *d = *d * s;
         }
         let mut d_top = vec![F::zero(); batch * h];
         self.head_dense
@@ -696,7 +881,8 @@ impl<F: Real> Engine<F> {
         d_top
     }
 
-    /// One block on `x [B·S, H]`; returns the output rows `[B·Q, H]` and its cache.
+    /// One block on `x [B·S, H]`; returns the output rows `[B·Q, H]`, its cache, and the
+    /// FFN neurons `[B·Q, I]`.
     fn block_forward(
         &self,
         block: &Block<F>,
@@ -704,7 +890,7 @@ impl<F: Real> Engine<F> {
         batch: usize,
         seq: usize,
         rows: Rows,
-    ) -> (Vec<F>, BlockCache<F>) {
+    ) -> (Vec<F>, BlockCache<F>, Vec<F>) {
         let h = self.hidden;
         let (nq, x_q) = query_rows(x, batch, seq, h, rows);
         let q = block.query.forward(&x_q, batch * nq);
@@ -712,16 +898,12 @@ impl<F: Real> Engine<F> {
         let v = block.value.forward(x, batch * seq);
         let (context, probs) = self.attention(&q, &k, &v, batch, seq, nq);
         let mut attn = block.attn_out.forward(&context, batch * nq);
-        for (a, &r) in attn.iter_mut().zip(x_q.iter()) {
-            *a += r;
-        }
+        add_in_place(&mut attn, &x_q);
         let (attended, attn_norm) = block.attn_norm.forward(&attn);
-        let pre_act = block.up.forward(&attended, batch * nq);
-        let activated: Vec<F> = pre_act.iter().map(|&x| act(self.activation, x)).collect();
+        let (activated, slope) =
+            activate(self.activation, &block.up.forward(&attended, batch * nq));
         let mut out = block.down.forward(&activated, batch * nq);
-        for (o, &a) in out.iter_mut().zip(&attended) {
-            *o += a;
-        }
+        add_in_place(&mut out, &attended);
         let (out, out_norm) = block.out_norm.forward(&out);
         let cache = BlockCache {
             rows,
@@ -731,19 +913,23 @@ impl<F: Real> Engine<F> {
             v,
             probs,
             attn_norm,
-            pre_act,
+            slope,
             out_norm,
         };
-        (out, cache)
+        (out, cache, activated)
     }
 
-    /// Gradient of a block's input `[B·S, H]` from that of its output rows `[B·Q, H]`.
+    /// Gradient of a block's input from that of its output rows `[B·Q, H]`: `[full·S, H]`
+    /// for the first `full` sequences, then `[B − full, H]`, row `only` of each of the
+    /// others.
     fn block_backward(
         &self,
         block: &Block<F>,
         cache: &BlockCache<F>,
         d_out: &[F],
         batch: usize,
+        full: usize,
+        only: usize,
     ) -> Vec<F> {
         let (h, seq) = (self.hidden, cache.seq);
         let nq = cache.q.len() / (batch * h);
@@ -753,9 +939,14 @@ impl<F: Real> Engine<F> {
         block
             .down
             .backward_input(&d_res2, batch * nq, &mut d_act, false);
-        for (d, &x) in d_act.iter_mut().zip(&cache.pre_act) {
-            *d = *d * act_grad(self.activation, x);
-        }
+        d_act
+            .par_chunks_mut(ELEMENTS_PER_TASK)
+            .zip(cache.slope.par_chunks(ELEMENTS_PER_TASK))
+            .for_each(|(d, s)| {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = *d * s;
+                }
+            });
         let mut d_attended = d_res2;
         block
             .up
@@ -767,30 +958,58 @@ impl<F: Real> Engine<F> {
             .backward_input(&d_res1, batch * nq, &mut d_context, false);
         let (d_q, d_k, d_v) = self.attention_backward(cache, &d_context, batch, seq, nq);
 
-        let mut d_x = vec![F::zero(); batch * seq * h];
-        block.key.backward_input(&d_k, batch * seq, &mut d_x, false);
+        // Input gradients of the first `full` sequences at every row; of the others only
+        // at row `only` (the rows below need no more).
+        let (x_rows, q_rows) = (full * seq, full * nq);
+        let mut d_x = vec![F::zero(); (x_rows + batch - full) * h];
+        let (d_full, d_only) = d_x.split_at_mut(x_rows * h);
+        block
+            .key
+            .backward_input(&d_k[..x_rows * h], x_rows, d_full, false);
         block
             .value
-            .backward_input(&d_v, batch * seq, &mut d_x, true);
+            .backward_input(&d_v[..x_rows * h], x_rows, d_full, true);
         // The query path and the residual reach only the query rows.
-        let mut d_xq = d_res1;
+        let mut d_xq = d_res1[..q_rows * h].to_vec();
         block
             .query
-            .backward_input(&d_q, batch * nq, &mut d_xq, true);
+            .backward_input(&d_q[..q_rows * h], q_rows, &mut d_xq, true);
         match cache.rows {
-            Rows::All => {
-                for (d, &g) in d_x.iter_mut().zip(&d_xq) {
-                    *d += g;
-                }
-            }
+            Rows::All => add_in_place(d_full, &d_xq),
             Rows::One(p) => {
-                for b in 0..batch {
-                    let row = &mut d_x[(b * seq + p) * h..(b * seq + p + 1) * h];
-                    for (d, &g) in row.iter_mut().zip(&d_xq[b * h..(b + 1) * h]) {
+                for (sequence, g) in d_full.chunks_mut(seq * h).zip(d_xq.chunks(h)) {
+                    for (d, &g) in sequence[p * h..(p + 1) * h].iter_mut().zip(g) {
                         *d += g;
                     }
                 }
             }
+        }
+        if full < batch {
+            // Row `only` of each remaining sequence, in x's rows and in the query rows.
+            let pick = |m: &[F], per_sequence: usize, row: usize| -> Vec<F> {
+                m.chunks(per_sequence * h)
+                    .skip(full)
+                    .flat_map(|sequence| sequence[row * h..(row + 1) * h].iter().copied())
+                    .collect()
+            };
+            let q_row = match cache.rows {
+                Rows::All => only,
+                Rows::One(p) => {
+                    assert_eq!(p, only, "the top layer computes only the row asked for");
+                    0
+                }
+            };
+            let rest = batch - full;
+            d_only.copy_from_slice(&pick(&d_res1, nq, q_row));
+            block
+                .key
+                .backward_input(&pick(&d_k, seq, only), rest, d_only, true);
+            block
+                .value
+                .backward_input(&pick(&d_v, seq, only), rest, d_only, true);
+            block
+                .query
+                .backward_input(&pick(&d_q, nq, q_row), rest, d_only, true);
         }
         d_x
     }
@@ -823,7 +1042,7 @@ impl<F: Real> Engine<F> {
                     let mut max = F::neg_infinity();
                     for (j, s) in row.iter_mut().enumerate() {
                         let kj = &k[(b * seq + j) * h + hd * d..][..d];
-                        *s = dot(qi, kj) * scale;
+                        *s = F::dot(qi, kj) * scale;
                         max = max.max(*s);
                     }
                     let mut sum = F::zero();
@@ -841,7 +1060,7 @@ impl<F: Real> Engine<F> {
                     }
                 }
             });
-        (heads_to_rows(&per_head_ctx, batch, heads, nq, d), probs)
+        (heads_to_rows(&per_head_ctx, heads, nq, d), probs)
     }
 
     /// Gradients of q `[B·Q, H]`, k and v `[B·S, H]` from that of the context.
@@ -874,7 +1093,7 @@ impl<F: Real> Engine<F> {
                     let mut weighted = F::zero();
                     for j in 0..seq {
                         let vj = &v[(b * seq + j) * h + hd * d..][..d];
-                        dp[j] = dot(dc, vj);
+                        dp[j] = F::dot(dc, vj);
                         weighted += pi[j] * dp[j];
                         for (g, &c) in dv[j * d..(j + 1) * d].iter_mut().zip(dc) {
                             *g += pi[j] * c;
@@ -895,34 +1114,34 @@ impl<F: Real> Engine<F> {
                 }
             });
         (
-            heads_to_rows(&d_q, batch, heads, nq, d),
-            heads_to_rows(&d_k, batch, heads, seq, d),
-            heads_to_rows(&d_v, batch, heads, seq, d),
+            heads_to_rows(&d_q, heads, nq, d),
+            heads_to_rows(&d_k, heads, seq, d),
+            heads_to_rows(&d_v, heads, seq, d),
         )
     }
 }
 
 #[derive(Debug, Clone)]
 struct HeadCache<F> {
-    pre: Vec<F>,
+    /// f'(pre-activation) of the transform.
+    slope: Vec<F>,
     norm: NormCache<F>,
 }
 
-fn dot<F: Real>(a: &[F], b: &[F]) -> F {
-    a.iter().zip(b).fold(F::zero(), |s, (&x, &y)| s + x * y)
-}
-
 /// `[B, heads, R, d]` → `[B·R, heads·d]`.
-fn heads_to_rows<F: Real>(x: &[F], batch: usize, heads: usize, rows: usize, d: usize) -> Vec<F> {
+fn heads_to_rows<F: Real>(x: &[F], heads: usize, rows: usize, d: usize) -> Vec<F> {
     let mut out = vec![F::zero(); x.len()];
-    for b in 0..batch {
-        for hd in 0..heads {
-            for r in 0..rows {
-                let src = &x[((b * heads + hd) * rows + r) * d..][..d];
-                out[(b * rows + r) * heads * d + hd * d..][..d].copy_from_slice(src);
+    out.par_chunks_mut(rows * heads * d)
+        .zip(x.par_chunks(heads * rows * d))
+        .with_min_len(ROWS_PER_TASK)
+        .for_each(|(out, x)| {
+            for hd in 0..heads {
+                for r in 0..rows {
+                    out[r * heads * d + hd * d..][..d]
+                        .copy_from_slice(&x[(hd * rows + r) * d..][..d]);
+                }
             }
-        }
-    }
+        });
     out
 }
 
@@ -1042,6 +1261,36 @@ mod tests {
                     largest = largest.max(g.abs());
                 }
                 assert!(largest > 1e-4, "layer {layer} α {alpha}: gradient ~0");
+            }
+        }
+    }
+
+    /// Stacking layers in one pass gives each layer what it gets alone.
+    #[test]
+    fn stacked_layers_equal_single_layers() {
+        let model = tiny(DType::F64);
+        let engine = Engine::<f64>::new(&model).unwrap();
+        let base = base(&engine, &model);
+        let alphas = [0.0, 0.2, 0.7, 1.0];
+        for layers in [vec![0, 1, 2], vec![0, 2], vec![1], vec![1, 2]] {
+            let stacked = engine.gradients(&base, &layers, &alphas, GOLD);
+            assert_eq!(stacked.len(), layers.len());
+            for (&layer, result) in layers.iter().zip(&stacked) {
+                let (p, g) = engine.scaled_gradients(&base, layer, &alphas, GOLD);
+                assert_eq!(result.probabilities.len(), alphas.len());
+                assert_eq!(result.gradients.len(), g.len());
+                for (a, b) in result.probabilities.iter().zip(&p) {
+                    assert!(
+                        (a - b).abs() < 1e-13,
+                        "{layers:?}, layer {layer}: P {a} vs {b}"
+                    );
+                }
+                for (a, b) in result.gradients.iter().zip(&g) {
+                    assert!(
+                        (a - b).abs() < 1e-12,
+                        "{layers:?}, layer {layer}: {a} vs {b}"
+                    );
+                }
             }
         }
     }

@@ -15,10 +15,8 @@
 //! The loop below does, per prompt: one normal forward pass (kept: every layer's input,
 //! neurons and FFN input at the mask), then for each layer L the batch of scaled points
 //! from layer L up only, and a backward pass to L's neurons only (no weight gradients),
-//! in chunks of at most `chunk` points to bound memory.
-
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+//! in chunks of at most `chunk` points to bound memory. The engine runs all layers' L
+//! batches of a chunk together ([`Engine::gradients`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -152,9 +150,6 @@ pub struct PromptAttribution {
     pub completeness: Vec<Completeness>,
 }
 
-/// One layer's scores and completeness.
-type LayerResult = (Vec<f32>, Completeness);
-
 /// Integrated gradients of every neuron of every layer for one prompt.
 pub fn integrated_gradients<F: Real>(
     engine: &Engine<F>,
@@ -169,63 +164,45 @@ pub fn integrated_gradients<F: Real>(
         points.push((0.0, 0.0));
     }
     let width = engine.intermediate();
-    // Layers are independent: integrate them in parallel. Lower layers cost more (every
-    // layer above them is run), so workers take layers bottom first from a shared
-    // counter: the greedy longest-first schedule, which leaves at most one short layer's
-    // worth of imbalance. Each layer is computed by one thread: results are deterministic.
-    let integrate = |layer: usize| -> LayerResult {
-        let mut gradient_sum = vec![0f64; width];
-        let mut p0 = f64::NAN;
-        for chunk in points.chunks(options.chunk.max(1)) {
-            let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
-            let (probability, gradients) = engine.scaled_gradients(base, layer, &alphas, gold);
+    let layers: Vec<usize> = (0..engine.layers()).collect();
+    // Σ_k c_k ∂P(α_k·w)/∂w per layer, and P(0) (from the point α = 0).
+    let mut gradient_sums = vec![vec![0f64; width]; layers.len()];
+    let mut p0 = vec![f64::NAN; layers.len()];
+    for chunk in points.chunks(options.chunk.max(1)) {
+        let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
+        // All layers at once: the engine stacks them (see `Engine::gradients`).
+        let results = engine.gradients(base, &layers, &alphas, gold);
+        for (layer, result) in results.iter().enumerate() {
             for (b, &(alpha, weight)) in chunk.iter().enumerate() {
                 if alpha == 0.0 {
-                    p0 = probability[b].to_f64().unwrap_or(f64::NAN);
+                    p0[layer] = result.probabilities[b].to_f64().unwrap_or(f64::NAN);
                 }
-                let row = &gradients[b * width..(b + 1) * width];
-                for (sum, &g) in gradient_sum.iter_mut().zip(row) {
+                let row = &result.gradients[b * width..(b + 1) * width];
+                for (sum, &g) in gradient_sums[layer].iter_mut().zip(row) {
                     *sum += weight * g.to_f64().unwrap_or(f64::NAN);
                 }
             }
         }
-        let layer_scores: Vec<f64> = base.neurons[layer]
-            .iter()
-            .zip(&gradient_sum)
-            .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
-            .collect();
-        let completeness = Completeness {
-            layer,
-            sum: layer_scores.iter().sum(),
-            target: p1 - p0,
-        };
-        (
-            layer_scores.into_iter().map(|s| s as f32).collect(),
-            completeness,
-        )
-    };
-    let layers = engine.layers();
-    let next = AtomicUsize::new(0);
-    let results: Mutex<Vec<Option<LayerResult>>> = Mutex::new(vec![None; layers]);
-    rayon::scope(|scope| {
-        for _ in 0..rayon::current_num_threads().min(layers) {
-            scope.spawn(|_| loop {
-                let layer = next.fetch_add(1, Ordering::Relaxed);
-                if layer >= layers {
-                    break;
-                }
-                let result = integrate(layer);
-                results.lock().unwrap_or_else(|e| e.into_inner())[layer] = Some(result);
-            });
-        }
-    });
-    let per_layer: Vec<LayerResult> = results
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .into_iter()
-        .flatten()
-        .collect();
-    let (scores, completeness) = per_layer.into_iter().unzip();
+    }
+    let (scores, completeness) = layers
+        .iter()
+        .map(|&layer| {
+            let layer_scores: Vec<f64> = base.neurons[layer]
+                .iter()
+                .zip(&gradient_sums[layer])
+                .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
+                .collect();
+            let completeness = Completeness {
+                layer,
+                sum: layer_scores.iter().sum(),
+                target: p1 - p0[layer],
+            };
+            (
+                layer_scores.into_iter().map(|s| s as f32).collect(),
+                completeness,
+            )
+        })
+        .unzip();
     PromptAttribution {
         gold_probability: p1,
         scores,

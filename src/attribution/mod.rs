@@ -8,6 +8,7 @@ pub mod record;
 pub mod refine;
 pub mod run;
 pub mod select;
+mod simd;
 
 use candle_core::Tensor;
 
