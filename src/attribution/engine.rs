@@ -118,72 +118,158 @@ pub fn matmul<F: Real>(
         }
         return;
     }
-    // Large products: the rows of C split evenly between the threads, each part one
-    // single-threaded product (BLAS threads would spin through the attention and
-    // elementwise work that runs between products on the same cores).
+    let product = Product {
+        m,
+        n,
+        k,
+        a: a.as_ptr(),
+        b: b.as_ptr(),
+        b_is_nk,
+        c: c.as_mut_ptr(),
+        accumulate,
+    };
+    // Large products are split between the threads, each part a single-threaded product
+    // (BLAS threads would spin through the attention and elementwise work that runs
+    // between products on the same cores). Each part packs the whole of the operand it
+    // does not split, so split the larger of the rows of A or the columns of B.
     let threads = rayon::current_num_threads();
-    if threads > 1 && m >= 32 * threads && m * n * k >= PARALLEL_WORK {
-        let rows = m.div_ceil(threads).next_multiple_of(16);
-        c[..m * n]
-            .par_chunks_mut(rows * n)
-            .zip(a[..m * k].par_chunks(rows * k))
-            .for_each(|(c_part, a_part)| {
-                matmul_serial(
-                    c_part.len() / n,
-                    n,
-                    k,
-                    a_part,
-                    b,
-                    b_is_nk,
-                    c_part,
-                    accumulate,
-                )
-            });
-        return;
+    let split = if m >= n { m } else { n };
+    if threads > 1 && split >= 32 * threads && m * n * k >= PARALLEL_WORK {
+        let size = split.div_ceil(threads).next_multiple_of(16);
+        (0..split.div_ceil(size)).into_par_iter().for_each(|part| {
+            let (start, len) = (part * size, size.min(split - part * size));
+            // SAFETY: the parts are disjoint blocks of C, inside the bounds checked above.
+            unsafe {
+                if m >= n {
+                    product.rows(start, len).run()
+                } else {
+                    product.columns(start, len).run()
+                }
+            }
+        });
+    } else {
+        // SAFETY: the bounds were checked above.
+        unsafe { product.run() }
     }
-    matmul_serial(m, n, k, a, b, b_is_nk, c, accumulate);
 }
 
 /// Multiply-adds below which a product runs on one thread.
 const PARALLEL_WORK: usize = 1 << 22;
 
-/// [`matmul`] on the calling thread.
-#[allow(clippy::too_many_arguments)]
-fn matmul_serial<F: Real>(
+/// A block of a product `c (+)= a · op(b)` in row-major buffers: `a` has row stride `k`,
+/// `c` row stride `ldc`, `b` is `[n, k]` (`b_is_nk`) or `[k, n]` with row stride `ldb`.
+#[derive(Clone, Copy)]
+struct Product<F> {
     m: usize,
     n: usize,
     k: usize,
-    a: &[F],
-    b: &[F],
+    a: *const F,
+    b: *const F,
     b_is_nk: bool,
-    c: &mut [F],
+    c: *mut F,
     accumulate: bool,
-) {
-    #[cfg(feature = "openblas")]
-    if blas::gemm(m, n, k, a, b, b_is_nk, c, accumulate) {
-        return;
+}
+
+// SAFETY: a `Product` is only run on disjoint blocks of `c` (see `matmul`), while the
+// buffers it points into are borrowed by `matmul`.
+unsafe impl<F: Send> Send for Product<F> {}
+unsafe impl<F: Sync> Sync for Product<F> {}
+
+impl<F: Real> Product<F> {
+    /// Row strides of the whole product: the blocks keep them.
+    fn strides(&self) -> (usize, usize) {
+        (self.n, if self.b_is_nk { self.k } else { self.n })
     }
-    let (rhs_cs, rhs_rs) = if b_is_nk {
-        (k as isize, 1)
-    } else {
-        (1, n as isize)
-    };
-    let parallelism = gemm::Parallelism::None;
-    // SAFETY: `matmul` checked the slice lengths against m, n and k, which bound every
-    // index gemm computes from these strides.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
+
+    /// Rows `start..start + len` of the product.
+    unsafe fn rows(self, start: usize, len: usize) -> ProductBlock<F> {
+        let (ldc, ldb) = self.strides();
+        ProductBlock {
+            m: len,
+            n: self.n,
+            a: self.a.add(start * self.k),
+            b: self.b,
+            c: self.c.add(start * ldc),
+            ldc,
+            ldb,
+            product: self,
+        }
+    }
+
+    /// Columns `start..start + len` of the product.
+    unsafe fn columns(self, start: usize, len: usize) -> ProductBlock<F> {
+        let (ldc, ldb) = self.strides();
+        ProductBlock {
+            m: self.m,
+            n: len,
+            a: self.a,
+            b: if self.b_is_nk {
+                self.b.add(start * self.k)
+            } else {
+                self.b.add(start)
+            },
+            c: self.c.add(start),
+            ldc,
+            ldb,
+            product: self,
+        }
+    }
+
+    /// The whole product.
+    unsafe fn run(self) {
+        self.rows(0, self.m).run()
+    }
+}
+
+/// A block of a [`Product`], run on the calling thread.
+struct ProductBlock<F> {
+    m: usize,
+    n: usize,
+    a: *const F,
+    b: *const F,
+    c: *mut F,
+    ldc: usize,
+    ldb: usize,
+    product: Product<F>,
+}
+
+impl<F: Real> ProductBlock<F> {
+    /// # Safety
+    /// The pointers and strides must describe buffers that hold the block.
+    unsafe fn run(self) {
+        let Product {
             k,
-            c.as_mut_ptr(),
-            1,
-            n as isize,
+            b_is_nk,
             accumulate,
-            a.as_ptr(),
+            ..
+        } = self.product;
+        #[cfg(feature = "openblas")]
+        if blas::gemm(
+            (self.m, self.n, k),
+            (self.a, self.b, self.c),
+            (self.ldb, self.ldc),
+            b_is_nk,
+            accumulate,
+        ) {
+            return;
+        }
+        let (rhs_cs, rhs_rs) = if b_is_nk {
+            (self.ldb as isize, 1)
+        } else {
+            (1, self.ldb as isize)
+        };
+        gemm::gemm(
+            self.m,
+            self.n,
+            k,
+            self.c,
+            1,
+            self.ldc as isize,
+            accumulate,
+            self.a,
             1,
             k as isize,
-            b.as_ptr(),
+            self.b,
             rhs_cs,
             rhs_rs,
             F::one(),
@@ -191,7 +277,7 @@ fn matmul_serial<F: Real>(
             false,
             false,
             false,
-            parallelism,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -249,27 +335,27 @@ mod blas {
 
     static SINGLE_THREADED: std::sync::Once = std::sync::Once::new();
 
-    /// `c (+)= a · op(b)` through cblas; false when `F` is not f32 or f64.
-    #[allow(clippy::too_many_arguments)]
-    pub fn gemm<F: 'static>(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[F],
-        b: &[F],
+    /// `c (+)= a · op(b)` through cblas; false when `F` is not f32 or f64. `a` has row
+    /// stride `k`.
+    ///
+    /// # Safety
+    /// The pointers and strides must describe buffers that hold the product.
+    pub unsafe fn gemm<F: 'static>(
+        (m, n, k): (usize, usize, usize),
+        (a, b, c): (*const F, *const F, *mut F),
+        (ldb, ldc): (usize, usize),
         b_is_nk: bool,
-        c: &mut [F],
         accumulate: bool,
     ) -> bool {
         let tb = if b_is_nk { TRANS } else { NO_TRANS };
-        let ldb = if b_is_nk { k } else { n } as c_int;
         let beta = if accumulate { 1.0 } else { 0.0 };
-        let (m, n, k) = (m as c_int, n as c_int, k as c_int);
+        let int = |x: usize| c_int::try_from(x).expect("matrix dimension fits a C int");
+        let (m, n, k, ldb, ldc) = (int(m), int(n), int(k), int(ldb), int(ldc));
         // kn splits products between threads itself (see `matmul`).
         // SAFETY: a plain setter of OpenBLAS's thread count.
         SINGLE_THREADED.call_once(|| unsafe { openblas_set_num_threads(1) });
-        // SAFETY: the caller checked the slice lengths against m, n and k; the casts
-        // only rename F as the type TypeId says it is.
+        // SAFETY: the caller's pointers and strides hold the product; the casts only
+        // rename F as the type TypeId says it is.
         macro_rules! call {
             ($gemm:ident, $t:ty) => {
                 unsafe {
@@ -281,13 +367,13 @@ mod blas {
                         n,
                         k,
                         1.0,
-                        a.as_ptr().cast(),
+                        a.cast(),
                         k,
-                        b.as_ptr().cast(),
+                        b.cast(),
                         ldb,
                         beta as $t,
-                        c.as_mut_ptr().cast(),
-                        n,
+                        c.cast(),
+                        ldc,
                     )
                 }
             };
@@ -550,6 +636,7 @@ pub struct BlockCache<F> {
 /// The model's weights as flat buffers, and the shapes.
 #[derive(Debug, Clone)]
 pub struct Engine<F> {
+    embeddings: Embeddings<F>,
     blocks: Vec<Block<F>>,
     head_dense: Dense<F>,
     head_norm: Norm<F>,
@@ -560,6 +647,18 @@ pub struct Engine<F> {
     heads: usize,
     intermediate: usize,
     vocab: usize,
+}
+
+/// The input embeddings (segment 0), summed and normalised.
+#[derive(Debug, Clone)]
+struct Embeddings<F> {
+    /// `[V, H]`; `None` when the decoder is the same matrix (tied weights): kept once.
+    words: Option<Vec<F>>,
+    /// `[max_positions, H]`
+    positions: Vec<F>,
+    /// `[H]`: token type 0.
+    segment: Vec<F>,
+    norm: Norm<F>,
 }
 
 /// The unscaled forward pass of one prompt, kept for every layer's integration.
@@ -591,9 +690,32 @@ pub struct LayerGradients<F> {
 impl<F: Real> Engine<F> {
     /// Copies the weights of a loaded model (any dtype, any device) into flat buffers.
     pub fn new(model: &BertMaskedLm) -> Result<Self> {
-        let blocks = model
-            .layers
-            .iter()
+        // Cloning a candle model only clones handles to its tensors.
+        Self::from_model(model.clone())
+    }
+
+    /// As [`Self::new`], releasing each layer of `model` once it is copied, so that the
+    /// model's weights are never held twice in full.
+    pub fn from_model(model: BertMaskedLm) -> Result<Self> {
+        let BertMaskedLm {
+            config: cfg,
+            embeddings,
+            layers,
+            head,
+        } = model;
+        let tied = embeddings.word_embeddings.id() == head.decoder_weight.id();
+        let embeddings = Embeddings {
+            words: if tied {
+                None
+            } else {
+                Some(F::from_tensor(&embeddings.word_embeddings)?)
+            },
+            positions: F::from_tensor(&embeddings.position_embeddings)?,
+            segment: F::from_tensor(&embeddings.token_type_embeddings.get(0)?)?,
+            norm: Norm::from(&embeddings.layer_norm)?,
+        };
+        let blocks = layers
+            .into_iter()
             .map(|l| {
                 Ok(Block {
                     query: Dense::from(&l.attention.query)?,
@@ -607,19 +729,53 @@ impl<F: Real> Engine<F> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let cfg = &model.config;
         Ok(Self {
+            embeddings,
             blocks,
-            head_dense: Dense::from(&model.head.transform)?,
-            head_norm: Norm::from(&model.head.layer_norm)?,
-            decoder: F::from_tensor(&model.head.decoder_weight)?,
-            decoder_bias: F::from_tensor(&model.head.decoder_bias)?,
+            head_dense: Dense::from(&head.transform)?,
+            head_norm: Norm::from(&head.layer_norm)?,
+            decoder: F::from_tensor(&head.decoder_weight)?,
+            decoder_bias: F::from_tensor(&head.decoder_bias)?,
             activation: cfg.activation(),
             hidden: cfg.hidden_size,
             heads: cfg.num_attention_heads,
             intermediate: cfg.intermediate_size,
             vocab: cfg.vocab_size,
         })
+    }
+
+    /// The embedding output `[S, H]` of a prompt's token ids (segment 0). The caller
+    /// checks the ids against the vocabulary and the length against the positions.
+    pub fn embed(&self, ids: &[u32]) -> Vec<F> {
+        let h = self.hidden;
+        let e = &self.embeddings;
+        let words = e.words.as_ref().unwrap_or(&self.decoder);
+        let mut summed = Vec::with_capacity(ids.len() * h);
+        for (position, &id) in ids.iter().enumerate() {
+            let word = &words[id as usize * h..][..h];
+            let place = &e.positions[position * h..][..h];
+            summed.extend(
+                word.iter()
+                    .zip(place)
+                    .zip(&e.segment)
+                    .map(|((&w, &p), &s)| w + p + s),
+            );
+        }
+        e.norm.forward(&summed).0
+    }
+
+    /// Bytes [`Self::gradients`] keeps for the backward pass per integration point, when
+    /// all layers of a prompt of `seq` tokens are stacked.
+    pub fn cache_bytes_per_point(&self, seq: usize) -> usize {
+        let (h, i, n) = (self.hidden, self.intermediate, self.blocks.len());
+        // Per row: q, k, v, two normalised copies, the activation slopes, attention.
+        let row = 5 * h + i + self.heads * seq;
+        // Layer d (below the top) holds d groups of seq rows; the top layer keeps k and v
+        // of every row and the rest of the mask row only; the head two rows of logits.
+        let below_top = n.saturating_sub(2) * n.saturating_sub(1) / 2 * seq * row;
+        let top = n.saturating_sub(1) * (2 * h * seq + row);
+        let head = n * 2 * self.vocab;
+        (below_top + top + head) * std::mem::size_of::<F>()
     }
 
     /// Number of layers.
@@ -632,8 +788,8 @@ impl<F: Real> Engine<F> {
         self.intermediate
     }
 
-    /// The unscaled forward of one prompt. `embedded` is the embedding output `[S, H]`
-    /// (computed by the candle model, which owns the embedding tables).
+    /// The unscaled forward of one prompt from its embedding output `[S, H]`
+    /// ([`Self::embed`]).
     pub fn base_forward(&self, embedded: Vec<F>, mask: usize) -> BaseForward<F> {
         let h = self.hidden;
         let seq = embedded.len() / h;

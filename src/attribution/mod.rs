@@ -10,12 +10,10 @@ pub mod run;
 pub mod select;
 mod simd;
 
-use candle_core::Tensor;
-
 use crate::error::{Error, Result};
-use crate::model::tokenizer::MASK_PLACEHOLDER;
+use crate::model::tokenizer::{MaskTokenizer, MASK_PLACEHOLDER};
 use crate::model::LoadedModel;
-use engine::{Engine, Real};
+use engine::Engine;
 use ig::{IgOptions, Rule};
 use record::{FactRecord, Method, ModelInfo, Params, PromptRecord};
 use select::{above, max_score, refine, split_at_threshold};
@@ -46,7 +44,7 @@ impl AttributeOptions {
             ig: IgOptions {
                 steps: 20,
                 rule: Rule::Left,
-                chunk: 20,
+                chunk: None,
             },
             threshold: match method {
                 Method::IntegratedGradients => 0.2,
@@ -95,31 +93,32 @@ pub struct Fact {
 
 /// Attributes facts with one loaded model.
 pub struct Attributor {
-    lm: LoadedModel,
+    tokenizer: MaskTokenizer,
+    max_positions: usize,
     engine: Engine<f32>,
     options: AttributeOptions,
     model_info: ModelInfo,
 }
 
 impl Attributor {
-    /// Prepares the engine (a copy of the weights in flat buffers) and hashes the weights.
-    /// The model's own copies of the encoder layers are dropped: only its embeddings and
-    /// tokenizer are used from here on, and bert-base's layers are 340 MB.
-    pub fn new(mut lm: LoadedModel, options: AttributeOptions) -> Result<Self> {
+    /// Hashes the weights and moves them into the engine (flat f32 buffers), releasing
+    /// the candle model layer by layer: the weights are never held twice in full
+    /// (bert-base's are 440 MB).
+    pub fn new(lm: LoadedModel, options: AttributeOptions) -> Result<Self> {
         let model_info = model_info(&lm)?;
-        let engine = Engine::new(&lm.model)?;
-        lm.model.layers.clear();
+        let LoadedModel {
+            config,
+            tokenizer,
+            model,
+            ..
+        } = lm;
         Ok(Self {
-            lm,
-            engine,
+            tokenizer,
+            max_positions: config.max_position_embeddings,
+            engine: Engine::from_model(model)?,
             options,
             model_info,
         })
-    }
-
-    /// The loaded model (its encoder layers are dropped; embeddings, head and tokenizer remain).
-    pub fn model(&self) -> &LoadedModel {
-        &self.lm
     }
 
     /// The model as recorded in the output.
@@ -138,7 +137,7 @@ impl Attributor {
         if fact.prompts.is_empty() {
             return Err(Error::Prompt("the fact has no prompts".into()));
         }
-        let answer_id = self.lm.tokenizer.answer_id(&fact.answer)?;
+        let answer_id = self.tokenizer.answer_id(&fact.answer)?;
         let mut prompts = Vec::with_capacity(fact.prompts.len());
         let mut coarse_sets = Vec::with_capacity(fact.prompts.len());
         // Check every prompt before the slow part, so a bad one costs nothing.
@@ -188,13 +187,13 @@ impl Attributor {
 
     /// Every neuron's score (all layers, signed) for one prompt and answer.
     pub fn scores(&self, prompt: &str, answer: &str) -> Result<ig::PromptAttribution> {
-        let answer_id = self.lm.tokenizer.answer_id(answer)?;
+        let answer_id = self.tokenizer.answer_id(answer)?;
         let (ids, mask) = self.check_prompt(prompt, answer, answer_id)?;
         self.scores_of(&ids, mask, answer_id)
     }
 
     fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
-        let base = self.engine.base_forward(self.embed::<f32>(ids)?, mask);
+        let base = self.engine.base_forward(self.engine.embed(ids), mask);
         Ok(match self.options.method {
             Method::IntegratedGradients => {
                 ig::integrated_gradients(&self.engine, &base, answer_id as usize, &self.options.ig)
@@ -210,9 +209,9 @@ impl Attributor {
         answer: &str,
         answer_id: u32,
     ) -> Result<(Vec<u32>, usize)> {
-        let tokenizer = &self.lm.tokenizer;
+        let tokenizer = &self.tokenizer;
         let encoded = tokenizer.encode_prompt(prompt)?;
-        let max = self.lm.config.max_position_embeddings;
+        let max = self.max_positions;
         if encoded.ids.len() > max {
             return Err(Error::Prompt(format!(
                 "prompt is {} tokens long; the model takes at most {max}",
@@ -232,12 +231,6 @@ impl Attributor {
             )));
         }
         Ok((encoded.ids, encoded.mask_position))
-    }
-
-    /// The embedding output `[S, H]` of a prompt, flat.
-    fn embed<F: Real>(&self, ids: &[u32]) -> Result<Vec<F>> {
-        let ids = Tensor::new(ids, self.lm.model.device())?.unsqueeze(0)?;
-        F::from_tensor(&self.lm.model.embeddings.forward(&ids)?)
     }
 }
 

@@ -57,9 +57,10 @@ pub(super) struct AttributeArgs {
     /// Also store neurons down to keep × max, so `kn refine` can lower the threshold to it.
     #[arg(long, default_value_t = 0.1)]
     keep: f64,
-    /// Integration points per batch: lower it to bound memory on long prompts.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
-    chunk: u64,
+    /// At most this many integration points per batch (default: as many as fit in
+    /// 512 MiB of cached activations). Lower it to bound memory.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    chunk: Option<u64>,
     /// Append to an existing --out, skipping facts already there (same parameters only).
     #[arg(long)]
     resume: bool,
@@ -84,7 +85,7 @@ impl AttributeArgs {
         options.ig = IgOptions {
             steps: self.steps as usize,
             rule: self.rule,
-            chunk: self.chunk as usize,
+            chunk: self.chunk.map(|c| c as usize),
         };
         if let Some(t) = self.threshold {
             options.threshold = t;
