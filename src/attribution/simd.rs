@@ -1,7 +1,7 @@
 //! Elementwise math of the engine's f32 path, written so that LLVM vectorises it: no
 //! branches, polynomial `exp` and `erf` instead of libm calls, fixed-width accumulators
-//! for sums. Each kernel is compiled twice, for the baseline CPU and for AVX2 + FMA,
-//! and picked at run time. The activations are millions of values per prompt, and
+//! for sums. The activation and exp kernels are compiled twice, for the baseline CPU and
+//! for AVX2 + FMA, and picked at run time. The activations are millions of values per prompt, and
 //! libm's scalar `erff`/`expf` alone cost a tenth of a second there.
 
 use crate::model::config::Activation;
@@ -128,37 +128,38 @@ dispatch! {
 /// Fixed-width partial sums: what lets LLVM vectorise a float reduction.
 const LANES: usize = 16;
 
-dispatch! {
-    fn dot(a: &[f32], b: &[f32]) -> f32 {
-        let mut acc = [0f32; LANES];
-        let (a_body, b_body) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-        let tail: f32 = a_body
-            .remainder()
-            .iter()
-            .zip(b_body.remainder())
-            .map(|(x, y)| x * y)
-            .sum();
-        for (x, y) in a_body.zip(b_body) {
-            for l in 0..LANES {
-                acc[l] += x[l] * y[l];
-            }
+/// `Σ a_i b_i` in `LANES` partial sums. Inlined where it is called: attention calls it
+/// on rows of 64 values, too short to pay for a dispatch.
+#[inline(always)]
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let (a_body, b_body) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let tail: f32 = a_body
+        .remainder()
+        .iter()
+        .zip(b_body.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in a_body.zip(b_body) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
         }
-        acc.iter().sum::<f32>() + tail
     }
+    acc.iter().sum::<f32>() + tail
 }
 
-dispatch! {
-    fn sum(a: &[f32]) -> f32 {
-        let mut acc = [0f32; LANES];
-        let body = a.chunks_exact(LANES);
-        let tail: f32 = body.remainder().iter().sum();
-        for x in body {
-            for l in 0..LANES {
-                acc[l] += x[l];
-            }
+/// `Σ a_i` in `LANES` partial sums.
+#[inline(always)]
+pub(crate) fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let body = a.chunks_exact(LANES);
+    let tail: f32 = body.remainder().iter().sum();
+    for x in body {
+        for l in 0..LANES {
+            acc[l] += x[l];
         }
-        acc.iter().sum::<f32>() + tail
     }
+    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]
