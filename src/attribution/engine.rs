@@ -130,12 +130,17 @@ pub fn matmul<F: Real>(
     };
     // Large products are split between the threads, each part a single-threaded product
     // (BLAS threads would spin through the attention and elementwise work that runs
-    // between products on the same cores). Each part packs the whole of the operand it
-    // does not split, so split the larger of the rows of A or the columns of B.
+    // between products on the same cores). Each part packs all of the operand it does
+    // not split, so split the larger of the rows of A or the columns of B.
     let threads = rayon::current_num_threads();
     let split = if m >= n { m } else { n };
-    if threads > 1 && split >= 32 * threads && m * n * k >= PARALLEL_WORK {
-        let size = split.div_ceil(threads).next_multiple_of(16);
+    if threads > 1 && split >= 2 * MIN_PART && m * n * k >= PARALLEL_WORK {
+        // A few parts per thread, taken as threads come free: a thread slowed by the other
+        // work on its core does not hold the product up.
+        let size = split
+            .div_ceil(PARTS_PER_THREAD * threads)
+            .max(MIN_PART)
+            .next_multiple_of(16);
         (0..split.div_ceil(size)).into_par_iter().for_each(|part| {
             let (start, len) = (part * size, size.min(split - part * size));
             // SAFETY: the parts are disjoint blocks of C, inside the bounds checked above.
@@ -155,6 +160,10 @@ pub fn matmul<F: Real>(
 
 /// Multiply-adds below which a product runs on one thread.
 const PARALLEL_WORK: usize = 1 << 22;
+/// Parts of a split product per thread.
+const PARTS_PER_THREAD: usize = 4;
+/// Rows (or columns) of a part at least.
+const MIN_PART: usize = 64;
 
 /// A block of a product `c (+)= a · op(b)` in row-major buffers: `a` has row stride `k`,
 /// `c` row stride `ldc`, `b` is `[n, k]` (`b_is_nk`) or `[k, n]` with row stride `ldb`.
