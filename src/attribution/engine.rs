@@ -1,11 +1,13 @@
 //! A BERT forward and backward pass on plain buffers that computes only what integrated
 //! gradients needs: gradients with respect to *activations* (never weights), outputs
-//! only at the rows that are read, and every matrix product through `gemm` with all
-//! cores. The IG loop itself is in [`super::ig`].
+//! and input gradients only at the rows that are read, the integration of every layer
+//! stacked into one pass ([`Engine::gradients`]), and every matrix product through
+//! `gemm` (or OpenBLAS) split between all cores. The IG loop itself is in [`super::ig`].
 //!
-//! Shapes: `B` batch (integration points), `S` sequence, `Q` query rows (all `S`, or
-//! only the mask row in the top layer), `H` hidden, `I` intermediate (neurons), `V`
-//! vocabulary. Matrices are row-major; weights keep PyTorch's `[out, in]` layout.
+//! Shapes: `B` batch (sequences: integration points, of every stacked layer), `S`
+//! sequence, `Q` query rows (all `S`, or only the mask row in the top layer), `H`
+//! hidden, `I` intermediate (neurons), `V` vocabulary. Matrices are row-major; weights
+//! keep PyTorch's `[out, in]` layout.
 
 use std::borrow::Cow;
 use std::fmt::Debug;
@@ -15,7 +17,7 @@ use candle_core::{DType, Tensor};
 use num_traits::Float;
 use rayon::prelude::*;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::bert::{LayerNorm, Linear};
 use crate::model::config::Activation;
 use crate::model::BertMaskedLm;
@@ -753,11 +755,23 @@ impl<F: Real> Engine<F> {
         })
     }
 
-    /// The embedding output `[S, H]` of a prompt's token ids (segment 0). The caller
-    /// checks the ids against the vocabulary and the length against the positions.
-    pub fn embed(&self, ids: &[u32]) -> Vec<F> {
+    /// The embedding output `[S, H]` of a prompt's token ids (segment 0).
+    pub fn embed(&self, ids: &[u32]) -> Result<Vec<F>> {
         let h = self.hidden;
         let e = &self.embeddings;
+        let positions = e.positions.len() / h;
+        if ids.len() > positions {
+            return Err(Error::Prompt(format!(
+                "prompt is {} tokens long; the model takes at most {positions}",
+                ids.len()
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::Prompt(format!(
+                "token id {id} is outside the model's vocabulary of {}",
+                self.vocab
+            )));
+        }
         let words = e.words.as_ref().unwrap_or(&self.decoder);
         let mut summed = Vec::with_capacity(ids.len() * h);
         for (position, &id) in ids.iter().enumerate() {
@@ -770,7 +784,7 @@ impl<F: Real> Engine<F> {
                     .map(|((&w, &p), &s)| w + p + s),
             );
         }
-        e.norm.forward(&summed).0
+        Ok(e.norm.forward(&summed).0)
     }
 
     /// Bytes [`Self::gradients`] keeps for the backward pass per integration point, when
@@ -1428,6 +1442,28 @@ mod tests {
                 assert!(largest > 1e-4, "layer {layer} α {alpha}: gradient ~0");
             }
         }
+    }
+
+    /// The engine's embeddings equal the candle model's; ids outside the vocabulary and
+    /// prompts longer than the positions are errors, not panics.
+    #[test]
+    fn embeddings_match_the_candle_model() {
+        let model = tiny(DType::F64);
+        let engine = Engine::<f64>::new(&model).unwrap();
+        let ids = Tensor::new(&IDS, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let want = f64::from_tensor(&model.embeddings.forward(&ids).unwrap()).unwrap();
+        let got = engine.embed(&IDS).unwrap();
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-12, "{a} vs {b}");
+        }
+        assert!(engine.embed(&[2, engine.vocab as u32]).is_err());
+        let positions = model.config.max_position_embeddings;
+        assert!(engine.embed(&vec![2; positions]).is_ok());
+        assert!(engine.embed(&vec![2; positions + 1]).is_err());
     }
 
     /// Stacking layers in one pass gives each layer what it gets alone.

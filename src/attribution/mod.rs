@@ -193,7 +193,7 @@ impl Attributor {
     }
 
     fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
-        let base = self.engine.base_forward(self.engine.embed(ids), mask);
+        let base = self.engine.base_forward(self.engine.embed(ids)?, mask);
         Ok(match self.options.method {
             Method::IntegratedGradients => {
                 ig::integrated_gradients(&self.engine, &base, answer_id as usize, &self.options.ig)

@@ -1,8 +1,8 @@
 //! Elementwise math of the engine's f32 path, written so that LLVM vectorises it: no
 //! branches, polynomial `exp` and `erf` instead of libm calls, fixed-width accumulators
 //! for sums. The activation and exp kernels are compiled twice, for the baseline CPU and
-//! for AVX2 + FMA, and picked at run time. The activations are millions of values per prompt, and
-//! libm's scalar `erff`/`expf` alone cost a tenth of a second there.
+//! for AVX2 + FMA, and picked at run time. The activations are millions of values per
+//! prompt, and libm's scalar `erff`/`expf` alone cost a tenth of a second there.
 
 use crate::model::config::Activation;
 
