@@ -119,9 +119,11 @@ pub struct IgOptions {
 }
 
 /// Bytes of cached activations a batch of integration points may take when the batch
-/// size is left to kn: one batch of the paper's 20 points for bert-base prompts of up to
-/// 14 tokens, and peak memory near 1 GB for longer ones.
-pub const CACHE_BUDGET: usize = 512 << 20;
+/// size is left to kn: for bert-base prompts of about 11 tokens, three batches of 7 of
+/// the paper's 20 points, and peak memory under 1 GB with both copies of the weights
+/// (see `engine::Dense`). Larger batches gain little: the stacked products have
+/// hundreds of rows either way.
+pub const CACHE_BUDGET: usize = 160 << 20;
 
 /// Σ attributions against `P(1) − P(0)` for one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]

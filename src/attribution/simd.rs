@@ -162,6 +162,107 @@ pub(crate) fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Columns `first..first + width` of `x [rows, cols]` as the rows of `out [width, rows]`.
+pub(crate) fn transpose_band(x: &[f32], rows: usize, cols: usize, first: usize, out: &mut [f32]) {
+    let width = out.len() / rows;
+    assert!(first + width <= cols && x.len() >= rows * cols && out.len() == width * rows);
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has AVX; the bounds were checked above.
+        unsafe { transpose_band_avx(x, rows, cols, first, width, out) };
+        return;
+    }
+    transpose_band_scalar(x, rows, cols, first, width, out, 0, 0);
+}
+
+/// The part of a band from row `r0` and column `c0` (band-relative) on, one value at a time.
+#[allow(clippy::too_many_arguments)]
+fn transpose_band_scalar(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    first: usize,
+    width: usize,
+    out: &mut [f32],
+    r0: usize,
+    c0: usize,
+) {
+    for c in 0..width {
+        for r in if c < c0 { r0..rows } else { 0..rows } {
+            out[c * rows + r] = x[r * cols + first + c];
+        }
+    }
+}
+
+/// 8 × 8 blocks in registers; the edges (rows or columns past a multiple of 8) by
+/// [`transpose_band_scalar`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn transpose_band_avx(
+    x: &[f32],
+    rows: usize,
+    cols: usize,
+    first: usize,
+    width: usize,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let (rows8, width8) = (rows / 8 * 8, width / 8 * 8);
+    let (src, dst) = (x.as_ptr(), out.as_mut_ptr());
+    for r in (0..rows8).step_by(8) {
+        for c in (0..width8).step_by(8) {
+            // SAFETY: rows r..r + 8 and columns first + c..first + c + 8 are inside x
+            // (rows8 ≤ rows, first + width8 ≤ cols), their images inside out.
+            unsafe {
+                let at = |i: usize| src.add((r + i) * cols + first + c);
+                let (r0, r1, r2, r3) = (
+                    _mm256_loadu_ps(at(0)),
+                    _mm256_loadu_ps(at(1)),
+                    _mm256_loadu_ps(at(2)),
+                    _mm256_loadu_ps(at(3)),
+                );
+                let (r4, r5, r6, r7) = (
+                    _mm256_loadu_ps(at(4)),
+                    _mm256_loadu_ps(at(5)),
+                    _mm256_loadu_ps(at(6)),
+                    _mm256_loadu_ps(at(7)),
+                );
+                let (t0, t1) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1));
+                let (t2, t3) = (_mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+                let (t4, t5) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5));
+                let (t6, t7) = (_mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+                let (u0, u1) = (
+                    _mm256_shuffle_ps::<0x44>(t0, t2),
+                    _mm256_shuffle_ps::<0xEE>(t0, t2),
+                );
+                let (u2, u3) = (
+                    _mm256_shuffle_ps::<0x44>(t1, t3),
+                    _mm256_shuffle_ps::<0xEE>(t1, t3),
+                );
+                let (u4, u5) = (
+                    _mm256_shuffle_ps::<0x44>(t4, t6),
+                    _mm256_shuffle_ps::<0xEE>(t4, t6),
+                );
+                let (u6, u7) = (
+                    _mm256_shuffle_ps::<0x44>(t5, t7),
+                    _mm256_shuffle_ps::<0xEE>(t5, t7),
+                );
+                let to = |i: usize| dst.add((c + i) * rows + r);
+                _mm256_storeu_ps(to(0), _mm256_permute2f128_ps::<0x20>(u0, u4));
+                _mm256_storeu_ps(to(1), _mm256_permute2f128_ps::<0x20>(u1, u5));
+                _mm256_storeu_ps(to(2), _mm256_permute2f128_ps::<0x20>(u2, u6));
+                _mm256_storeu_ps(to(3), _mm256_permute2f128_ps::<0x20>(u3, u7));
+                _mm256_storeu_ps(to(4), _mm256_permute2f128_ps::<0x31>(u0, u4));
+                _mm256_storeu_ps(to(5), _mm256_permute2f128_ps::<0x31>(u1, u5));
+                _mm256_storeu_ps(to(6), _mm256_permute2f128_ps::<0x31>(u2, u6));
+                _mm256_storeu_ps(to(7), _mm256_permute2f128_ps::<0x31>(u3, u7));
+            }
+        }
+    }
+    // Columns past width8 (every row), and rows past rows8 of the others.
+    transpose_band_scalar(x, rows, cols, first, width, out, rows8, width8);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

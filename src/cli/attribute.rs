@@ -58,7 +58,7 @@ pub(super) struct AttributeArgs {
     #[arg(long, default_value_t = 0.1)]
     keep: f64,
     /// At most this many integration points per batch (default: as many as fit in
-    /// 512 MiB of cached activations). Lower it to bound memory.
+    /// 160 MiB of cached activations). Lower it to bound memory.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     chunk: Option<u64>,
     /// Append to an existing --out, skipping facts already there (same parameters only).
