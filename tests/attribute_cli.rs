@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -114,37 +115,56 @@ fn records_hold_neurons_evidence_and_provenance() {
 }
 
 /// A run killed while writing, then resumed, ends with exactly the output of one
-/// straight run; a cut-off last line is dropped and redone.
+/// straight run; a cut-off last line is dropped and redone. The killed run reads its
+/// facts from a pipe that holds only the first three, so it is certainly killed
+/// mid-way (waiting for the fourth) however fast the machine is, and the three
+/// records are on disk only if each was flushed when written.
 #[test]
 fn killed_then_resumed_equals_a_straight_run() {
     let s = setup();
     let straight = s.root.join("straight.jsonl");
     attribute(&s, &straight, &[]).success();
     let expected = std::fs::read_to_string(&straight).unwrap();
+    assert_eq!(expected.lines().count(), 6);
 
     let resumed = s.root.join("resumed.jsonl");
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("kn"))
         .args(["attribute", "--quiet", "--model"])
         .arg(&s.model)
-        .arg("--fact")
-        .arg(&s.facts)
-        .arg("--out")
+        .args(["--fact", "-", "--out"])
         .arg(&resumed)
+        .stdin(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in FACTS.lines().take(3) {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
     let start = Instant::now();
-    while std::fs::read_to_string(&resumed).map_or(0, |t| t.lines().count()) < 2 {
+    while std::fs::read_to_string(&resumed).map_or(0, |t| t.lines().count()) < 3 {
         assert!(start.elapsed() < Duration::from_secs(120), "no output");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "exited before its input ended"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    drop(stdin);
     let partial = std::fs::read_to_string(&resumed).unwrap();
-    let done = partial.lines().count();
-    assert!(done < 6, "killed too late to test anything ({done} lines)");
+    assert_eq!(
+        partial,
+        expected
+            .lines()
+            .take(3)
+            .map(|l| format!("{l}\n"))
+            .collect::<String>()
+    );
     // As if killed in the middle of a write: half a record at the end.
-    let next = expected.lines().nth(partial.matches('\n').count()).unwrap();
+    let next = expected.lines().nth(3).unwrap();
     std::fs::write(&resumed, format!("{partial}{}", &next[..next.len() / 2])).unwrap();
 
     attribute(&s, &resumed, &["--resume"]).success();

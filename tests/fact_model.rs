@@ -2,8 +2,8 @@
 //! and its facts (`data/facts.jsonl`): top-1 accuracy on training and held-out prompts,
 //! recomputed here with kn's library, equals the committed figures
 //! (`data/fact-model/training.json`) and meets the targets (≥ 90% and ≥ 50%); the
-//! weights carry `BertForMaskedLM`'s names; `kn attribute` finds refined neurons on it
-//! in seconds.
+//! weights carry `BertForMaskedLM`'s names; `kn attribute` finds refined neurons on it.
+//! How long that takes is a benchmark figure (README, Speed), not asserted here.
 
 mod common;
 
@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use kn::attribution::record::FactRecord;
@@ -153,10 +152,9 @@ fn weights_are_named_as_bert_for_masked_lm_saves_them() {
 }
 
 #[test]
-fn attribute_finds_refined_neurons_of_the_first_fact_in_seconds() {
+fn attribute_finds_refined_neurons_of_the_first_fact() {
     let text = std::fs::read_to_string(data().join("facts.jsonl")).unwrap();
     let first = text.lines().next().unwrap();
-    let started = Instant::now();
     let mut child = Command::new(assert_cmd::cargo::cargo_bin("kn"))
         .args(["attribute", "--quiet", "--fact", "-", "--model"])
         .arg(model_dir())
@@ -172,7 +170,6 @@ fn attribute_finds_refined_neurons_of_the_first_fact_in_seconds() {
         .write_all(format!("{first}\n").as_bytes())
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    let elapsed = started.elapsed();
     assert!(
         out.status.success(),
         "{}",
@@ -188,10 +185,4 @@ fn attribute_finds_refined_neurons_of_the_first_fact_in_seconds() {
     assert_eq!(record.id, serde_json::Value::from(fact.id));
     assert_eq!(record.prompts.len(), fact.prompts.len());
     assert!(!record.refined.is_empty(), "no refined neurons");
-    // Even the test build (kn at opt-level 2) takes well under a second here; the
-    // bound leaves room for a loaded machine.
-    assert!(
-        elapsed < Duration::from_secs(30),
-        "kn attribute took {elapsed:?} for one fact"
-    );
 }

@@ -180,10 +180,10 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     if !args.model.quiet && summary.prompts > 0 {
         let seconds = started.elapsed().as_secs_f64();
         eprintln!(
-            "kn: {} facts, {} prompts in {seconds:.1} s ({:.2} s per prompt, model load excluded)",
+            "kn: {} facts, {} prompts in {seconds:.1} s ({} s per prompt, model load excluded)",
             summary.written,
             summary.prompts,
-            seconds / summary.prompts as f64
+            seconds_per_prompt(seconds / summary.prompts as f64)
         );
     }
     Ok(if summary.failed > 0 {
@@ -191,6 +191,16 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     } else {
         Outcome::Clean
     })
+}
+
+/// Two decimals, or three significant digits below 0.1 s (small models take
+/// milliseconds per prompt, which two decimals would print as 0.00).
+fn seconds_per_prompt(seconds: f64) -> String {
+    if seconds >= 0.1 || seconds <= 0.0 || !seconds.is_finite() {
+        return format!("{seconds:.2}");
+    }
+    let decimals = (2 - seconds.log10().floor() as i32).clamp(2, 9) as usize;
+    format!("{seconds:.decimals$}")
 }
 
 #[derive(Debug, Args)]
@@ -238,4 +248,18 @@ pub(super) fn refine(args: RefineArgs) -> anyhow::Result<Outcome> {
         out.write(record)?;
     }
     Ok(Outcome::Clean)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::seconds_per_prompt;
+
+    #[test]
+    fn seconds_per_prompt_keeps_three_significant_digits_below_a_tenth() {
+        assert_eq!(seconds_per_prompt(2.613), "2.61");
+        assert_eq!(seconds_per_prompt(0.953), "0.95");
+        assert_eq!(seconds_per_prompt(0.04912), "0.0491");
+        assert_eq!(seconds_per_prompt(0.004912), "0.00491");
+        assert_eq!(seconds_per_prompt(0.0), "0.00");
+    }
 }
