@@ -158,11 +158,7 @@ fn killed_then_resumed_equals_a_straight_run() {
     let partial = std::fs::read_to_string(&resumed).unwrap();
     assert_eq!(
         partial,
-        expected
-            .lines()
-            .take(3)
-            .map(|l| format!("{l}\n"))
-            .collect::<String>()
+        expected.split_inclusive('\n').take(3).collect::<String>()
     );
     // As if killed in the middle of a write: half a record at the end.
     let next = expected.lines().nth(3).unwrap();
