@@ -199,6 +199,9 @@ fn main() -> anyhow::Result<()> {
         layer_norm_eps: 1e-12,
         position_embedding_type: "absolute".into(),
         model_type: Some("bert".into()),
+        num_key_value_heads: args.heads,
+        head_dim: args.hidden / args.heads,
+        ..Config::default()
     };
     config.validate().map_err(anyhow::Error::msg)?;
     let tokenizer = MaskTokenizer::load(&kn::model::TokenizerFiles::Json(

@@ -602,6 +602,7 @@ mod tests {
             skipped: None,
             model: ModelInfo {
                 source: String::new(),
+                architecture: Default::default(),
                 revision: None,
                 commit: None,
                 weights_sha256: String::new(),

@@ -151,7 +151,7 @@ fn missing_and_broken_models_are_clear_errors() {
         "{\"vocab_size\": 18, \"hidden_size\": ",
     )
     .unwrap();
-    run(&bad_config).stderr(contains("not a valid BERT config.json"));
+    run(&bad_config).stderr(contains("config.json: not valid JSON"));
 
     run(&common::minilm()).stderr(contains("no masked-LM head"));
 

@@ -30,6 +30,14 @@ const PROMPTS: [&str; 3] = [
     "the city of france is [MASK] .",
 ];
 
+/// The BERT inside a loaded tiny model.
+fn bert(model: &kn::model::LanguageModel) -> &kn::model::BertMaskedLm {
+    match model {
+        kn::model::LanguageModel::Bert(m) => m,
+        _ => panic!("the tiny test models are BERTs"),
+    }
+}
+
 fn load(dir: &Path) -> LoadedModel {
     let files = ModelFiles::in_directory(dir, ModelSource::Local(dir.to_path_buf()), None)
         .expect("model files");
@@ -223,7 +231,7 @@ fn update_changes_exactly_the_chosen_columns_by_the_formula() {
     );
     for layer in 0..lm.config.num_hidden_layers {
         let original = &tensors[&format!("bert.encoder.layer.{layer}.output.dense.weight")];
-        let after = &edited.layers[layer].output.weight;
+        let after = edited.value_slots(layer).unwrap();
         for index in 0..lm.config.intermediate_size {
             let (v, new) = (column(original, index), column(after, index));
             if chosen.contains(&Neuron { layer, index }) {
@@ -245,12 +253,12 @@ fn update_changes_exactly_the_chosen_columns_by_the_formula() {
         }
         // Nothing else in the layer moves.
         assert_eq!(
-            edited.layers[layer]
+            bert(&edited).layers[layer]
                 .intermediate
                 .weight
                 .to_vec2::<f32>()
                 .unwrap(),
-            lm.model.layers[layer]
+            bert(&lm.model).layers[layer]
                 .intermediate
                 .weight
                 .to_vec2::<f32>()
@@ -318,10 +326,10 @@ fn erase_sets_the_most_frequent_slots() {
     );
     assert_eq!(plan.relations[0].neurons[0].facts, 2);
     let edited = apply_slots(&lm.model, &plan.slots).unwrap();
-    assert!(column(&edited.layers[1].output.weight, 5)
+    assert!(column(edited.value_slots(1).unwrap(), 5)
         .iter()
         .all(|&x| x == 0.0));
-    assert_ne!(column(&edited.layers[1].output.weight, 6), vec![0.0; 16]);
+    assert_ne!(column(edited.value_slots(1).unwrap(), 6), vec![0.0; 16]);
     let unk = plan_erase(
         &lm,
         &neurons,
@@ -335,8 +343,7 @@ fn erase_sets_the_most_frequent_slots() {
     .unwrap();
     let unk_row = lm
         .model
-        .embeddings
-        .word_embeddings
+        .input_embeddings()
         .i(lm.tokenizer.unk_id().unwrap() as usize)
         .unwrap()
         .to_vec1::<f32>()
@@ -406,13 +413,13 @@ fn written_model_reloads_as_edited_and_reverts_byte_identically() {
             top: 3,
             value: EraseValue::Unk,
         },
-        storage_dtype(&lm.files).unwrap(),
+        storage_dtype(&lm.files, lm.architecture()).unwrap(),
     )
     .unwrap();
     // P1's top 3 (1:5, then 0:3 and 0:9 by order) and P2's only two.
     assert_eq!(plan.slots.len(), 5);
     let out = tmp.path().join("edited");
-    write_edited_model(&lm.files, &out, &plan.slots, empty_edits(&lm), false).unwrap();
+    write_edited_model(&lm, &out, &plan.slots, empty_edits(&lm), false).unwrap();
 
     // It reloads and predicts exactly as the in-memory edit.
     let in_memory = LoadedModel {
@@ -433,7 +440,8 @@ fn written_model_reloads_as_edited_and_reverts_byte_identically() {
     let before = std::fs::read(source.join("model.safetensors")).unwrap();
     let after = std::fs::read(out.join("model.safetensors")).unwrap();
     assert_eq!(before.len(), after.len());
-    let layout = SafetensorsLayout::read(&out.join("model.safetensors")).unwrap();
+    let layout =
+        SafetensorsLayout::read(&out.join("model.safetensors"), lm.architecture()).unwrap();
     let differing = before.iter().zip(&after).filter(|(x, y)| x != y).count();
     assert!(
         differing > 0 && differing <= 5 * 16 * 4,
@@ -465,10 +473,9 @@ fn written_model_reloads_as_edited_and_reverts_byte_identically() {
     assert_eq!(files_of(&restored), files_of(&source));
 
     // An existing output is refused without force, replaced with it.
-    let err =
-        write_edited_model(&lm.files, &out, &plan.slots, empty_edits(&lm), false).unwrap_err();
+    let err = write_edited_model(&lm, &out, &plan.slots, empty_edits(&lm), false).unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
-    write_edited_model(&lm.files, &out, &plan.slots, empty_edits(&lm), true).unwrap();
+    write_edited_model(&lm, &out, &plan.slots, empty_edits(&lm), true).unwrap();
     assert_eq!(files_of(&out).len(), 4);
 }
 
@@ -493,7 +500,7 @@ fn edits_of_edited_models_revert_one_step() {
     };
     let first = tmp.path().join("first");
     write_edited_model(
-        &lm.files,
+        &lm,
         &first,
         &erase(&lm, "P1").slots,
         empty_edits(&lm),
@@ -503,7 +510,7 @@ fn edits_of_edited_models_revert_one_step() {
     let lm1 = load(&first);
     let second = tmp.path().join("second");
     write_edited_model(
-        &lm1.files,
+        &lm1,
         &second,
         &erase(&lm1, "P2").slots,
         empty_edits(&lm1),

@@ -16,11 +16,11 @@
 //! neurons and FFN input at the mask), then for each layer L the batch of scaled points
 //! from layer L up only, and a backward pass to L's neurons only (no weight gradients),
 //! in chunks of at most `chunk` points to bound memory. The engine runs all layers' L
-//! batches of a chunk together ([`Engine::gradients`]).
+//! batches of a chunk together ([`PromptPass::gradients`]), whatever the architecture.
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::{BaseForward, Engine, Real};
+use super::engine::{PromptPass, Real};
 
 /// A quadrature rule on [0, 1] for the IG integral.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -161,32 +161,32 @@ pub struct PromptAttribution {
 
 /// Integrated gradients of every neuron of every layer for one prompt.
 pub fn integrated_gradients<F: Real>(
-    engine: &Engine<F>,
-    base: &BaseForward<F>,
+    pass: &dyn PromptPass<F>,
     gold: usize,
     options: &IgOptions,
 ) -> PromptAttribution {
-    let p1 = base.probabilities[gold].to_f64().unwrap_or(f64::NAN);
+    let p1 = pass.probabilities()[gold].to_f64().unwrap_or(f64::NAN);
     let mut points = options.rule.nodes(options.steps);
     // P(0) for the completeness check: a point of weight 0 unless the rule has α = 0.
     if !points.iter().any(|&(alpha, _)| alpha == 0.0) {
         points.push((0.0, 0.0));
     }
-    let width = engine.intermediate();
-    let layers: Vec<usize> = (0..engine.layers()).collect();
+    let neurons = pass.neurons();
+    let width = neurons[0].len();
+    let layers: Vec<usize> = (0..neurons.len()).collect();
     // Σ_k c_k ∂P(α_k·w)/∂w per layer, and P(0) (from the point α = 0).
     let mut gradient_sums = vec![vec![0f64; width]; layers.len()];
     let mut p0 = vec![f64::NAN; layers.len()];
     // Equal batches, as few as the size limit allows.
     let limit = options
         .chunk
-        .unwrap_or_else(|| CACHE_BUDGET / engine.cache_bytes_per_point(base.seq))
+        .unwrap_or_else(|| CACHE_BUDGET / pass.cache_bytes_per_point())
         .max(1);
     let size = points.len().div_ceil(points.len().div_ceil(limit));
     for chunk in points.chunks(size) {
         let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
         // All layers at once: the engine stacks them (see `Engine::gradients`).
-        let results = engine.gradients(base, &layers, &alphas, gold);
+        let results = pass.gradients(&layers, &alphas, gold);
         for (layer, result) in results.iter().enumerate() {
             for (b, &(alpha, weight)) in chunk.iter().enumerate() {
                 if alpha == 0.0 {
@@ -202,7 +202,7 @@ pub fn integrated_gradients<F: Real>(
     let (scores, completeness) = layers
         .iter()
         .map(|&layer| {
-            let layer_scores: Vec<f64> = base.neurons[layer]
+            let layer_scores: Vec<f64> = neurons[layer]
                 .iter()
                 .zip(&gradient_sums[layer])
                 .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
@@ -226,11 +226,11 @@ pub fn integrated_gradients<F: Real>(
 }
 
 /// The paper's baseline: each neuron's score is its activation at the mask.
-pub fn activation_scores<F: Real>(base: &BaseForward<F>, gold: usize) -> PromptAttribution {
+pub fn activation_scores<F: Real>(pass: &dyn PromptPass<F>, gold: usize) -> PromptAttribution {
     PromptAttribution {
-        gold_probability: base.probabilities[gold].to_f64().unwrap_or(f64::NAN),
-        scores: base
-            .neurons
+        gold_probability: pass.probabilities()[gold].to_f64().unwrap_or(f64::NAN),
+        scores: pass
+            .neurons()
             .iter()
             .map(|layer| {
                 layer

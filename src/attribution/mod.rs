@@ -2,8 +2,11 @@
 //! activation-gradient engine ([`engine`]), coarse and refined selection ([`select`]),
 //! and the records `kn attribute` writes ([`record`]); [`run`] drives a whole input.
 
+pub mod bert;
+pub mod decoder;
 pub mod engine;
 pub mod ig;
+pub mod kernels;
 pub mod record;
 pub mod refine;
 pub mod run;
@@ -11,7 +14,7 @@ pub mod select;
 mod simd;
 
 use crate::error::{Error, Result};
-use crate::model::tokenizer::{MaskTokenizer, MASK_PLACEHOLDER};
+use crate::model::tokenizer::MaskTokenizer;
 use crate::model::LoadedModel;
 use engine::Engine;
 use ig::{IgOptions, Rule};
@@ -193,12 +196,12 @@ impl Attributor {
     }
 
     fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
-        let base = self.engine.base_forward(self.engine.embed(ids)?, mask);
+        let pass = self.engine.prepare(ids, mask)?;
         Ok(match self.options.method {
             Method::IntegratedGradients => {
-                ig::integrated_gradients(&self.engine, &base, answer_id as usize, &self.options.ig)
+                ig::integrated_gradients(pass.as_ref(), answer_id as usize, &self.options.ig)
             }
-            Method::Activation => ig::activation_scores(&base, answer_id as usize),
+            Method::Activation => ig::activation_scores(pass.as_ref(), answer_id as usize),
         })
     }
 
@@ -218,18 +221,7 @@ impl Attributor {
                 encoded.ids.len()
             )));
         }
-        // The answer must be its own token in this prompt: written in place of the mask,
-        // it must tokenize to the prompt's tokens with the answer at the mask.
-        let (filled, filled_tokens) =
-            tokenizer.encode_text(&prompt.replace(MASK_PLACEHOLDER, answer.trim()))?;
-        let mut expected = encoded.ids.clone();
-        expected[encoded.mask_position] = answer_id;
-        if filled != expected {
-            return Err(Error::Prompt(format!(
-                "the answer {answer:?} does not stand as its own token here: with it in place of \
-                 {MASK_PLACEHOLDER} the prompt tokenizes as {filled_tokens:?}"
-            )));
-        }
+        tokenizer.check_answer(prompt, &encoded, answer, answer_id)?;
         Ok((encoded.ids, encoded.mask_position))
     }
 }
@@ -243,6 +235,7 @@ pub fn model_info(lm: &LoadedModel) -> Result<ModelInfo> {
     };
     Ok(ModelInfo {
         source,
+        architecture: lm.architecture(),
         revision,
         commit: lm.files.commit.clone(),
         weights_sha256: lm.files.weights_sha256()?,

@@ -86,8 +86,12 @@ pub struct Params {
 /// Which model made a record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelInfo {
-    /// Local directory or hub id, as given.
+    /// Local directory, GGUF file or hub id, as given.
     pub source: String,
+    /// The model family (`bert`, `llama`, `gpt2`); records written before kn read
+    /// decoders have none, and are BERT's.
+    #[serde(default)]
+    pub architecture: crate::model::Architecture,
     /// Hub revision (absent for local models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,

@@ -84,6 +84,10 @@ fn activation_and_slope(kind: Activation, x: f32) -> (f32, f32) {
             let on = if x > 0.0 { 1.0 } else { 0.0 };
             (x * on, on)
         }
+        Activation::Silu => {
+            let sigmoid = 1.0 / (1.0 + exp(-x));
+            (x * sigmoid, sigmoid * (1.0 + x * (1.0 - sigmoid)))
+        }
     }
 }
 
@@ -302,13 +306,18 @@ mod tests {
         let xs: Vec<f32> = grid(-9.0, 9.0, 20_000).collect();
         let mut value = vec![0f32; xs.len()];
         let mut slope = vec![0f32; xs.len()];
-        for kind in [Activation::GeluErf, Activation::GeluTanh, Activation::Relu] {
+        for kind in [
+            Activation::GeluErf,
+            Activation::GeluTanh,
+            Activation::Relu,
+            Activation::Silu,
+        ] {
             activate(kind, &xs, &mut value, &mut slope);
             for (i, &x) in xs.iter().enumerate() {
                 let x64 = f64::from(x);
                 let (v, s) = (
-                    super::super::engine::act(kind, x64),
-                    super::super::engine::act_grad(kind, x64),
+                    super::super::kernels::act(kind, x64),
+                    super::super::kernels::act_grad(kind, x64),
                 );
                 assert!(
                     (f64::from(value[i]) - v).abs() < 1e-6 * (1.0 + v.abs()),

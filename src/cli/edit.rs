@@ -156,7 +156,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
     let lm = load_model(spec, args.revision.as_deref(), args.device, args.quiet)?;
     neurons.check_model(&lm.config)?;
     let model = model_info(&lm)?;
-    let storage = storage_dtype(&lm.files)?;
+    let storage = storage_dtype(&lm.files, lm.architecture())?;
     let mut inputs = vec![InputRecord {
         role: "neurons".into(),
         path: neurons_path.display().to_string(),
@@ -273,7 +273,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
             slots: Vec::new(),
             previous_edits: None,
         };
-        write_edited_model(&lm.files, out, &plan.slots, edits, args.force)
+        write_edited_model(&lm, out, &plan.slots, edits, args.force)
             .with_context(|| format!("writing the edited model to {}", out.display()))?;
     }
     if let Some(path) = &args.report {

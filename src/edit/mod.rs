@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::neurons::{refined_neurons, KnownFact};
 use crate::data::NeuronsFile;
 use crate::error::{Error, Result};
-use crate::model::{BertMaskedLm, LoadedModel, Neuron};
+use crate::model::{LanguageModel, LoadedModel, Neuron};
 use crate::predict::encode_prompts;
 use crate::predict::mask_distributions;
 use record::{FactEdit, RelationErase, Skipped};
@@ -120,14 +120,14 @@ pub struct SlotEdit {
 /// place, so that two facts sharing a neuron both move it. New values are rounded to the
 /// dtype the weights file stores, so the model in memory is the model written.
 pub struct SlotEditor<'a> {
-    model: &'a BertMaskedLm,
+    model: &'a LanguageModel,
     storage: DType,
     slots: BTreeMap<Neuron, SlotEdit>,
 }
 
 impl<'a> SlotEditor<'a> {
-    /// Edits columns of `model`'s `output.dense.weight`s, stored as `storage` on disk.
-    pub fn new(model: &'a BertMaskedLm, storage: DType) -> Self {
+    /// Edits columns of `model`'s FFN output projections, stored as `storage` on disk.
+    pub fn new(model: &'a LanguageModel, storage: DType) -> Self {
         Self {
             model,
             storage,
@@ -171,35 +171,33 @@ impl<'a> SlotEditor<'a> {
     }
 }
 
-/// Column `neuron.index` of layer `neuron.layer`'s `output.dense.weight`.
-pub fn value_slot(model: &BertMaskedLm, neuron: Neuron) -> Result<Vec<f32>> {
-    let layer = model.layers.get(neuron.layer).ok_or_else(|| {
+/// Neuron `neuron`'s value slot: column `neuron.index` of layer `neuron.layer`'s FFN
+/// output projection (BERT `output.dense`, Llama `mlp.down_proj`, GPT-2 `mlp.c_proj`).
+pub fn value_slot(model: &LanguageModel, neuron: Neuron) -> Result<Vec<f32>> {
+    let weight = model.value_slots(neuron.layer).ok_or_else(|| {
         Error::Neuron(format!(
             "layer {} does not exist: the model has {} layers",
             neuron.layer,
-            model.layers.len()
+            model.layers()
         ))
     })?;
-    let (_, width) = layer.output.weight.dims2()?;
+    let (_, width) = weight.dims2()?;
     if neuron.index >= width {
         return Err(Error::Neuron(format!(
             "neuron {}:{} does not exist: layers have {width} neurons",
             neuron.layer, neuron.index
         )));
     }
-    Ok(layer
-        .output
-        .weight
+    Ok(weight
         .i((.., neuron.index))?
         .to_dtype(DType::F32)?
         .to_vec1::<f32>()?)
 }
 
-/// Row `id` of the input word-embedding matrix E.
-pub fn word_embedding(model: &BertMaskedLm, id: u32) -> Result<Vec<f32>> {
+/// Row `id` of the input embedding matrix E.
+pub fn word_embedding(model: &LanguageModel, id: u32) -> Result<Vec<f32>> {
     Ok(model
-        .embeddings
-        .word_embeddings
+        .input_embeddings()
         .i(id as usize)?
         .to_dtype(DType::F32)?
         .to_vec1::<f32>()?)
@@ -218,11 +216,13 @@ pub fn round_to(values: Vec<f32>, dtype: DType) -> Result<Vec<f32>> {
 }
 
 /// A copy of `model` (sharing every unchanged tensor) with the edited value slots.
-pub fn apply_slots(model: &BertMaskedLm, slots: &[SlotEdit]) -> Result<BertMaskedLm> {
+pub fn apply_slots(model: &LanguageModel, slots: &[SlotEdit]) -> Result<LanguageModel> {
     let mut edited = model.clone();
     let layers: BTreeSet<usize> = slots.iter().map(|s| s.neuron.layer).collect();
     for layer in layers {
-        let weight = &edited.layers[layer].output.weight;
+        let weight = model
+            .value_slots(layer)
+            .ok_or_else(|| Error::Neuron(format!("layer {layer} does not exist")))?;
         let (hidden, width) = weight.dims2()?;
         let (device, dtype) = (weight.device().clone(), weight.dtype());
         let mut values = weight
@@ -234,8 +234,10 @@ pub fn apply_slots(model: &BertMaskedLm, slots: &[SlotEdit]) -> Result<BertMaske
                 values[row * width + slot.neuron.index] = v;
             }
         }
-        edited.layers[layer].output.weight =
-            Tensor::from_vec(values, (hidden, width), &device)?.to_dtype(dtype)?;
+        edited.set_value_slots(
+            layer,
+            Tensor::from_vec(values, (hidden, width), &device)?.to_dtype(dtype)?,
+        )?;
     }
     Ok(edited)
 }

@@ -4,7 +4,10 @@
 //! The edited `model.safetensors` is the source file with only the bytes of the edited
 //! value-slot columns rewritten in place (a `pytorch_model.bin` source is first
 //! converted, every tensor under its own name and dtype), so everything else stays
-//! byte-identical and reverting restores the exact file. The directory is built under a
+//! byte-identical and reverting restores the exact file. A GGUF source becomes a Hugging
+//! Face directory: `config.json` and `tokenizer.json` from its metadata and a
+//! `model.safetensors` of its dequantized (f32) tensors under Hugging Face names, then
+//! edited the same way. The directory is built under a
 //! hidden staging name beside `--out` and renamed into place when complete: a crash
 //! leaves no `--out`, only a staging directory that the next `kn edit` removes.
 
@@ -20,8 +23,9 @@ use serde::Deserialize;
 use super::record::{EditsFile, SlotRecord};
 use super::SlotEdit;
 use crate::error::{Error, Result};
-use crate::model::load::{normalize_name, read_tensors, sha256_file, write_tensors};
-use crate::model::{ModelFiles, Neuron, WeightsFile};
+use crate::model::language_model::{normalize_name, value_slot_tensor};
+use crate::model::load::{read_tensors, sha256_file, write_tensors};
+use crate::model::{Architecture, LoadedModel, ModelFiles, Neuron, WeightsFile};
 
 /// The name of the edit record in an edited model directory.
 pub const EDITS_FILE: &str = "edits.json";
@@ -39,13 +43,14 @@ struct TensorEntry {
 #[derive(Debug, Clone)]
 pub struct SafetensorsLayout {
     path: PathBuf,
+    architecture: Architecture,
     data_start: u64,
     tensors: BTreeMap<String, TensorEntry>,
 }
 
 impl SafetensorsLayout {
-    /// Reads the header of a safetensors file.
-    pub fn read(path: &Path) -> Result<Self> {
+    /// Reads the header of a safetensors file of an `architecture` model.
+    pub fn read(path: &Path, architecture: Architecture) -> Result<Self> {
         let bad = |reason: String| Error::model(path, reason);
         let mut file = File::open(path).map_err(|e| Error::io(path, e))?;
         let size = file.metadata().map_err(|e| Error::io(path, e))?.len();
@@ -78,24 +83,26 @@ impl SafetensorsLayout {
         }
         Ok(Self {
             path: path.to_path_buf(),
+            architecture,
             data_start,
             tensors,
         })
     }
 
-    /// The tensor holding layer `layer`'s value slots, under its name in the file.
-    fn slot_tensor(&self, layer: usize) -> Result<(&str, &TensorEntry)> {
-        let wanted = format!("encoder.layer.{layer}.output.dense.weight");
+    /// The tensor holding layer `layer`'s value slots, under its name in the file, and
+    /// whether it stores a slot as a row (GPT-2's Conv1D) rather than a column.
+    fn slot_tensor(&self, layer: usize) -> Result<(&str, &TensorEntry, bool)> {
+        let (wanted, as_rows) = value_slot_tensor(self.architecture, layer);
         self.tensors
             .iter()
-            .find(|(name, _)| normalize_name(name) == wanted)
-            .map(|(name, entry)| (name.as_str(), entry))
+            .find(|(name, _)| normalize_name(self.architecture, name).as_ref() == Some(&wanted))
+            .map(|(name, entry)| (name.as_str(), entry, as_rows))
             .ok_or_else(|| Error::model(&self.path, format!("has no tensor {wanted}")))
     }
 
-    /// The dtype the value slots are stored in (that of layer 0's `output.dense.weight`).
+    /// The dtype the value slots are stored in (that of layer 0's FFN output projection).
     pub fn slot_dtype(&self) -> Result<DType> {
-        let (name, entry) = self.slot_tensor(0)?;
+        let (name, entry, _) = self.slot_tensor(0)?;
         dtype_of(&entry.dtype)
             .map(|(dtype, _)| dtype)
             .ok_or_else(|| {
@@ -109,25 +116,33 @@ impl SafetensorsLayout {
     /// Byte offset of each element of a neuron's column, its element size and dtype,
     /// and the tensor's name.
     fn column(&self, neuron: Neuron) -> Result<(Vec<u64>, DType, String)> {
-        let (name, entry) = self.slot_tensor(neuron.layer)?;
+        let (name, entry, as_rows) = self.slot_tensor(neuron.layer)?;
         let (dtype, size) = dtype_of(&entry.dtype).ok_or_else(|| {
             Error::model(
                 &self.path,
                 format!("{name} is stored as {}, which kn cannot edit", entry.dtype),
             )
         })?;
-        let [hidden, width] = entry.shape[..] else {
+        let [rows, cols] = entry.shape[..] else {
             return Err(Error::model(&self.path, format!("{name} is not a matrix")));
         };
+        let (hidden, width) = if as_rows { (cols, rows) } else { (rows, cols) };
         if neuron.index >= width {
             return Err(Error::Neuron(format!(
-                "neuron {}:{} is outside {name} [{hidden}, {width}]",
+                "neuron {}:{} is outside {name} [{rows}, {cols}]",
                 neuron.layer, neuron.index
             )));
         }
         let base = self.data_start + entry.data_offsets[0];
+        let element = |row: usize, col: usize| base + ((row * cols + col) * size) as u64;
         let offsets = (0..hidden)
-            .map(|row| base + ((row * width + neuron.index) * size) as u64)
+            .map(|h| {
+                if as_rows {
+                    element(neuron.index, h)
+                } else {
+                    element(h, neuron.index)
+                }
+            })
             .collect();
         Ok((offsets, dtype, name.to_string()))
     }
@@ -206,24 +221,22 @@ fn decode(bytes: &[u8], dtype: DType) -> f32 {
     }
 }
 
-/// The dtype a source model's value slots are stored in (safetensors header, or the
-/// tensor read from a PyTorch file).
-pub fn storage_dtype(files: &ModelFiles) -> Result<DType> {
+/// The dtype a source model's value slots are stored in, and so will be in the edited
+/// model (safetensors header, the tensor read from a PyTorch file, f32 for a GGUF file,
+/// whose edited copy holds its dequantized weights).
+pub fn storage_dtype(files: &ModelFiles, architecture: Architecture) -> Result<DType> {
     match &files.weights {
-        WeightsFile::Safetensors(path) => SafetensorsLayout::read(path)?.slot_dtype(),
+        WeightsFile::Safetensors(path) => SafetensorsLayout::read(path, architecture)?.slot_dtype(),
         WeightsFile::Pytorch(_) => {
+            let (wanted, _) = value_slot_tensor(architecture, 0);
             let tensors = read_tensors(&files.weights)?;
             tensors
                 .iter()
-                .find(|(name, _)| normalize_name(name) == "encoder.layer.0.output.dense.weight")
+                .find(|(name, _)| normalize_name(architecture, name).as_ref() == Some(&wanted))
                 .map(|(_, t)| t.dtype())
-                .ok_or_else(|| {
-                    Error::model(
-                        files.weights.path(),
-                        "has no encoder.layer.0.output.dense.weight",
-                    )
-                })
+                .ok_or_else(|| Error::model(files.weights.path(), format!("has no {wanted}")))
         }
+        WeightsFile::Gguf(_) => Ok(DType::F32),
     }
 }
 
@@ -385,27 +398,37 @@ fn crash_point() {
 }
 
 /// Writes the edited model into `out`: every file of the source directory except
-/// weights, `model.safetensors` with the slots' new values, and `edits.json` (`edits`
-/// completed with the slots, hashes and the source's own `edits.json`).
+/// weights (a GGUF source: `config.json` and `tokenizer.json` made from its metadata),
+/// `model.safetensors` with the slots' new values, and `edits.json` (`edits` completed
+/// with the slots, hashes and the source's own `edits.json`).
 pub fn write_edited_model(
-    source: &ModelFiles,
+    lm: &LoadedModel,
     out: &Path,
     slots: &[SlotEdit],
     mut edits: EditsFile,
     force: bool,
 ) -> Result<EditsFile> {
-    let source_dir = source
-        .config
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."));
+    let source = &lm.files;
     let staging = Staging::begin(out, force)?;
-    copy_files(&source_dir, &staging.path, |name| {
-        is_weights_file(name) || name == EDITS_FILE
-    })?;
+    if let Some(source_dir) = source.directory() {
+        copy_files(&source_dir, &staging.path, |name| {
+            is_weights_file(name) || name == EDITS_FILE
+        })?;
+    }
     let weights = staging.path.join(WEIGHTS_FILE);
     match &source.weights {
         WeightsFile::Safetensors(path) => copy_synced(path, &weights)?,
+        WeightsFile::Gguf(path) => {
+            let tensors: std::collections::HashMap<String, candle_core::Tensor> =
+                read_tensors(&source.weights)?.into_iter().collect();
+            write_tensors(&tensors, &weights)?;
+            write_json(&staging.path.join("config.json"), &lm.config.to_json())?;
+            let tokenizer = staging.path.join("tokenizer.json");
+            lm.tokenizer
+                .inner()
+                .save(&tokenizer, true)
+                .map_err(|e| Error::model(path, format!("cannot write its tokenizer: {e}")))?;
+        }
         WeightsFile::Pytorch(_) => {
             let tensors: std::collections::HashMap<String, candle_core::Tensor> =
                 read_tensors(&source.weights)?.into_iter().collect();
@@ -419,7 +442,7 @@ pub fn write_edited_model(
         }
     }
     edits.restored_sha256 = sha256_file(&weights)?;
-    let layout = SafetensorsLayout::read(&weights)?;
+    let layout = SafetensorsLayout::read(&weights, lm.architecture())?;
     let columns: Vec<(Neuron, &[f32])> =
         slots.iter().map(|s| (s.neuron, s.new.as_slice())).collect();
     let names = layout.write_columns(&columns)?;
@@ -436,11 +459,12 @@ pub fn write_edited_model(
         .collect();
     edits.weights_file = WEIGHTS_FILE.into();
     edits.weights_sha256 = sha256_file(&weights)?;
-    let previous = source_dir.join(EDITS_FILE);
-    edits.previous_edits = if previous.is_file() {
-        Some(std::fs::read_to_string(&previous).map_err(|e| Error::io(&previous, e))?)
-    } else {
-        None
+    let previous = source.directory().map(|dir| dir.join(EDITS_FILE));
+    edits.previous_edits = match previous {
+        Some(previous) if previous.is_file() => {
+            Some(std::fs::read_to_string(&previous).map_err(|e| Error::io(&previous, e))?)
+        }
+        _ => None,
     };
     write_json(&staging.path.join(EDITS_FILE), &edits)?;
     staging.commit()?;
@@ -505,7 +529,7 @@ pub fn revert(dir: &Path, out: &Path, force: bool) -> Result<EditsFile> {
             )
         })
         .collect();
-    SafetensorsLayout::read(&weights)?.write_columns(&columns)?;
+    SafetensorsLayout::read(&weights, edits.source.model.architecture)?.write_columns(&columns)?;
     let restored = sha256_file(&weights)?;
     if restored != edits.restored_sha256 {
         return Err(Error::model(

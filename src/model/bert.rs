@@ -9,98 +9,13 @@
 //! fused LayerNorm and softmax record no backward graph, so gradients through them
 //! would be silently wrong. Everything here is built from ops candle differentiates.
 
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, IndexOp, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Activation, Config};
+use super::nn::most_negative;
+pub use super::nn::{activate, softmax_last_dim, LayerNorm, Linear};
 use crate::error::Result;
-
-/// `v` (`[n]`) repeated to the shape of `like` (`[..., n]`), as `broadcast_add` and
-/// `broadcast_mul` would repeat it, but as the product of a column of ones with `v`, so
-/// that its backward is a matrix product: candle's backward of a broadcast sums over the
-/// leading dimensions one element at a time, with integer divisions per element, and took
-/// 29% of the time of training (`examples/train-fact-model.rs`). The values are the same
-/// to the bit (`1 · v` is `v`).
-fn rows_of(v: &Tensor, like: &Tensor) -> candle_core::Result<Tensor> {
-    let n = v.dim(0)?;
-    let rows = like.elem_count() / n;
-    let ones = Tensor::ones((rows, 1), v.dtype(), v.device())?;
-    ones.matmul(&v.reshape((1, n))?)?.reshape(like.shape())
-}
-
-/// A dense layer `y = x·Wᵀ + b`, weights in PyTorch's `[out, in]` layout.
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// `[out, in]`
-    pub weight: Tensor,
-    /// `[out]`
-    pub bias: Tensor,
-}
-
-impl Linear {
-    fn load(vb: VarBuilder, in_dim: usize, out_dim: usize) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get((out_dim, in_dim), "weight")?,
-            bias: vb.get(out_dim, "bias")?,
-        })
-    }
-
-    /// `[..., in]` → `[..., out]`
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let product = x.broadcast_matmul(&self.weight.t()?)?;
-        product.add(&rows_of(&self.bias, &product)?)
-    }
-}
-
-/// LayerNorm over the last dimension, from plain differentiable ops (candle's fused
-/// kernel has no backward).
-#[derive(Debug, Clone)]
-pub struct LayerNorm {
-    /// `[hidden]`
-    pub weight: Tensor,
-    /// `[hidden]`
-    pub bias: Tensor,
-    /// Added to the variance.
-    pub eps: f64,
-}
-
-impl LayerNorm {
-    fn load(vb: VarBuilder, size: usize, eps: f64) -> candle_core::Result<Self> {
-        Ok(Self {
-            weight: vb.get(size, "weight")?,
-            bias: vb.get(size, "bias")?,
-            eps,
-        })
-    }
-
-    /// `[..., hidden]` → `[..., hidden]`
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centered = x.broadcast_sub(&mean)?;
-        let variance = centered.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = centered.broadcast_div(&(variance + self.eps)?.sqrt()?)?;
-        normed
-            .mul(&rows_of(&self.weight, &normed)?)?
-            .add(&rows_of(&self.bias, &normed)?)
-    }
-}
-
-/// Applies the configured activation function.
-pub fn activate(act: Activation, x: &Tensor) -> candle_core::Result<Tensor> {
-    match act {
-        Activation::GeluErf => x.gelu_erf(),
-        Activation::GeluTanh => x.gelu(),
-        Activation::Relu => x.relu(),
-    }
-}
-
-/// Softmax over the last dimension from differentiable ops.
-pub fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    let max = x.max_keepdim(D::Minus1)?;
-    let exp = x.broadcast_sub(&max)?.exp()?;
-    let sum = exp.sum_keepdim(D::Minus1)?;
-    exp.broadcast_div(&sum)
-}
 
 /// Word, position and segment embeddings, summed and normalised.
 #[derive(Debug, Clone)]
@@ -383,11 +298,7 @@ impl BertMaskedLm {
         let (batch, seq) = attention_mask.dims2()?;
         // Like transformers: (1 - mask) · (most negative finite value), so that padded
         // keys get exactly zero weight.
-        let min = match self.dtype() {
-            DType::F64 => f64::MIN,
-            DType::F16 => -65504.0,
-            _ => f32::MIN as f64,
-        };
+        let min = most_negative(self.dtype());
         let ones = attention_mask.ones_like()?.to_dtype(self.dtype())?;
         let keep = attention_mask.to_dtype(self.dtype())?;
         ((ones - keep)? * min)?.reshape((batch, 1, 1, seq))
@@ -457,6 +368,7 @@ mod tests {
 
     use super::*;
     use crate::model::load::model_from_tensors;
+    use crate::model::nn::rows_of;
     use crate::model::random::{random_tensors, tiny_config, Layout};
 
     /// Replaces the whole neuron vector of one layer at one position by `value`, in a

@@ -1,16 +1,17 @@
-//! Finding a checkpoint (local directory or Hugging Face hub id) and loading its
-//! weights (`model.safetensors`, memory-mapped, or `pytorch_model.bin`).
+//! Finding a checkpoint (local directory, a GGUF file, or a Hugging Face hub id) and
+//! loading its weights (`model.safetensors`, memory-mapped, `pytorch_model.bin`, or a
+//! GGUF file dequantized to f32). Every format is a source of named tensors; the
+//! architecture's loader ([`LanguageModel::from_tensors`]) builds the model from them.
 
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use sha2::{Digest, Sha256};
 
-use super::bert::BertMaskedLm;
-use super::config::Config;
+use super::config::{Architecture, Config};
+use super::language_model::LanguageModel;
 use super::tokenizer::MaskTokenizer;
 use crate::error::{Error, Result};
 
@@ -29,11 +30,12 @@ pub enum ModelSource {
 }
 
 impl ModelSource {
-    /// Interprets `--model`: an existing directory is local; something shaped like a
-    /// hub id (`name` or `org/name`) is a hub repository; anything else is an error.
+    /// Interprets `--model`: an existing directory or `.gguf` file is local; something
+    /// shaped like a hub id (`name` or `org/name`) is a hub repository; anything else is
+    /// an error.
     pub fn parse(spec: &str, revision: Option<&str>) -> Result<Self> {
         let path = Path::new(spec);
-        if path.is_dir() {
+        if path.is_dir() || (path.is_file() && is_gguf_path(path)) {
             if let Some(rev) = revision {
                 return Err(Error::model(
                     path,
@@ -45,7 +47,7 @@ impl ModelSource {
         if path.exists() {
             return Err(Error::model(
                 path,
-                "is a file; --model takes a model directory or a hub id",
+                "is a file; --model takes a model directory, a .gguf file or a hub id",
             ));
         }
         if is_hub_id(spec) {
@@ -70,6 +72,12 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
+/// Whether a path names a GGUF file (by its extension).
+fn is_gguf_path(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}
+
 /// `name` or `org/name`, with the characters the hub allows.
 fn is_hub_id(spec: &str) -> bool {
     let parts: Vec<&str> = spec.split('/').collect();
@@ -92,13 +100,15 @@ pub enum WeightsFile {
     Safetensors(PathBuf),
     /// `pytorch_model.bin` (a zip of pickled tensors, `torch.save`).
     Pytorch(PathBuf),
+    /// A GGUF file: weights, configuration and tokenizer in one (llama.cpp's format).
+    Gguf(PathBuf),
 }
 
 impl WeightsFile {
     /// The file's path.
     pub fn path(&self) -> &Path {
         match self {
-            Self::Safetensors(p) | Self::Pytorch(p) => p,
+            Self::Safetensors(p) | Self::Pytorch(p) | Self::Gguf(p) => p,
         }
     }
 }
@@ -115,6 +125,8 @@ pub enum TokenizerFiles {
         /// `tokenizer_config.json`
         config: Option<PathBuf>,
     },
+    /// The `tokenizer.ggml.*` metadata of a GGUF file.
+    Gguf(PathBuf),
 }
 
 impl TokenizerFiles {
@@ -138,6 +150,7 @@ impl TokenizerFiles {
     /// (for commands that need a vocabulary, not a network).
     pub fn locate(source: &ModelSource) -> Result<Self> {
         match source {
+            ModelSource::Local(file) if file.is_file() => Ok(Self::Gguf(file.clone())),
             ModelSource::Local(dir) => Self::in_directory(dir),
             ModelSource::Hub { repo, revision } => super::hub::fetch_tokenizer(repo, revision),
         }
@@ -151,7 +164,7 @@ pub struct ModelFiles {
     pub source: ModelSource,
     /// For hub models, the commit the files come from (when known).
     pub commit: Option<String>,
-    /// `config.json`
+    /// `config.json` (a GGUF file: the file itself, whose metadata holds it).
     pub config: PathBuf,
     /// Tokenizer files.
     pub tokenizer: TokenizerFiles,
@@ -163,8 +176,34 @@ impl ModelFiles {
     /// Finds the files of `source`, downloading hub files into the Hugging Face cache.
     pub fn locate(source: &ModelSource) -> Result<Self> {
         match source {
+            ModelSource::Local(file) if file.is_file() => Ok(Self::gguf(file, source.clone())),
             ModelSource::Local(dir) => Self::in_directory(dir, source.clone(), None),
             ModelSource::Hub { repo, revision } => super::hub::fetch(repo, revision),
+        }
+    }
+
+    /// A GGUF file: configuration, tokenizer and weights in one.
+    pub fn gguf(file: &Path, source: ModelSource) -> Self {
+        Self {
+            source,
+            commit: None,
+            config: file.to_path_buf(),
+            tokenizer: TokenizerFiles::Gguf(file.to_path_buf()),
+            weights: WeightsFile::Gguf(file.to_path_buf()),
+        }
+    }
+
+    /// The directory whose other files (tokenizer, …) belong to the model; `None` for a
+    /// GGUF file, which holds everything itself.
+    pub fn directory(&self) -> Option<PathBuf> {
+        match self.weights {
+            WeightsFile::Gguf(_) => None,
+            _ => Some(
+                self.config
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| PathBuf::from(".")),
+            ),
         }
     }
 
@@ -305,6 +344,7 @@ pub fn read_tensors(weights: &WeightsFile) -> Result<Vec<(String, Tensor)>> {
         WeightsFile::Pytorch(_) => {
             candle_core::pickle::read_all_with_key(path, None).map_err(unreadable)
         }
+        WeightsFile::Gguf(_) => Ok(super::gguf::read(path)?.tensors),
     }
 }
 
@@ -314,19 +354,6 @@ pub fn write_tensors(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<(
     let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
     safetensors::serialize_to_file(tensors.iter(), Some(metadata), path)
         .map_err(|e| Error::model(path, format!("cannot write weights: {e}")))
-}
-
-/// Maps checkpoint names to the names [`BertMaskedLm::load`] expects: drops the
-/// `bert.` prefix of `BertForMaskedLM` and renames TF-era LayerNorm `gamma`/`beta`.
-pub fn normalize_name(name: &str) -> String {
-    let name = name.strip_prefix("bert.").unwrap_or(name);
-    if let Some(stem) = name.strip_suffix(".gamma") {
-        format!("{stem}.weight")
-    } else if let Some(stem) = name.strip_suffix(".beta") {
-        format!("{stem}.bias")
-    } else {
-        name.to_string()
-    }
 }
 
 /// A loaded checkpoint: configuration, tokenizer and model. Cloning shares the weights.
@@ -339,15 +366,31 @@ pub struct LoadedModel {
     /// Prompt and answer tokenization.
     pub tokenizer: MaskTokenizer,
     /// The network.
-    pub model: BertMaskedLm,
+    pub model: LanguageModel,
 }
 
 impl LoadedModel {
     /// Loads config, tokenizer and weights (as `dtype` on `device`), checking every
-    /// weight's shape against `config.json`.
+    /// weight's shape against the configuration.
     pub fn load(files: ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
-        let config = Config::from_file(&files.config)?;
-        let tokenizer = MaskTokenizer::load(&files.tokenizer)?;
+        let (config, tokenizer, tensors) = match &files.weights {
+            WeightsFile::Gguf(path) => {
+                let checkpoint = super::gguf::read(path)?;
+                let config = Config::from_json(&checkpoint.config)
+                    .map_err(|reason| Error::model(path, reason))?;
+                let tokenizer = MaskTokenizer::causal(checkpoint.tokenizer, path)?;
+                (config, tokenizer, checkpoint.tensors)
+            }
+            weights => {
+                let config = Config::from_file(&files.config)?;
+                let tokenizer = if config.architecture.is_causal() {
+                    MaskTokenizer::load_causal(&files.tokenizer)?
+                } else {
+                    MaskTokenizer::load(&files.tokenizer)?
+                };
+                (config, tokenizer, read_tensors(weights)?)
+            }
+        };
         if tokenizer.vocab_size() > config.vocab_size {
             return Err(Error::model(
                 &files.config,
@@ -358,13 +401,19 @@ impl LoadedModel {
                 ),
             ));
         }
-        let model = load_weights(&files.weights, &config, dtype, device)?;
+        let model =
+            LanguageModel::from_tensors(tensors, &config, dtype, device, files.weights.path())?;
         Ok(Self {
             files,
             config,
             tokenizer,
             model,
         })
+    }
+
+    /// The model family.
+    pub fn architecture(&self) -> Architecture {
+        self.config.architecture
     }
 }
 
@@ -375,8 +424,8 @@ pub fn load_weights(
     config: &Config,
     dtype: DType,
     device: &Device,
-) -> Result<BertMaskedLm> {
-    model_from_tensors(
+) -> Result<LanguageModel> {
+    LanguageModel::from_tensors(
         read_tensors(weights)?,
         config,
         dtype,
@@ -385,33 +434,22 @@ pub fn load_weights(
     )
 }
 
-/// Builds the model from named tensors in any checkpoint layout (see [`normalize_name`]);
-/// `path` names their source in errors.
+/// Builds a BERT masked LM from named tensors (tests and the fact-model trainer build
+/// BERTs directly); `path` names their source in errors.
 pub fn model_from_tensors(
     tensors: impl IntoIterator<Item = (String, Tensor)>,
     config: &Config,
     dtype: DType,
     device: &Device,
     path: &Path,
-) -> Result<BertMaskedLm> {
-    let tensors: HashMap<String, Tensor> = tensors
-        .into_iter()
-        .map(|(name, t)| (normalize_name(&name), t))
-        .collect();
-    if !tensors.keys().any(|k| k.starts_with("cls.predictions.")) {
-        return Err(Error::model(
+) -> Result<super::BertMaskedLm> {
+    match LanguageModel::from_tensors(tensors, config, dtype, device, path)? {
+        LanguageModel::Bert(model) => Ok(model),
+        other => Err(Error::model(
             path,
-            "has no masked-LM head (cls.predictions.*): this checkpoint is an encoder only \
-             (e.g. a sentence-embedding model), not a BERT masked LM",
-        ));
+            format!("is a {} model, not a BERT", other.architecture()),
+        )),
     }
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    BertMaskedLm::load(vb, config).map_err(|e| {
-        Error::model(
-            path,
-            format!("does not match config.json (checked at load time): {e}"),
-        )
-    })
 }
 
 #[cfg(test)]
@@ -420,22 +458,34 @@ mod tests {
 
     #[test]
     fn names_are_normalised() {
+        use crate::model::language_model::normalize_name;
+        let bert = |name| normalize_name(Architecture::Bert, name).unwrap();
         assert_eq!(
-            normalize_name("bert.encoder.layer.0.output.LayerNorm.gamma"),
+            bert("bert.encoder.layer.0.output.LayerNorm.gamma"),
             "encoder.layer.0.output.LayerNorm.weight"
         );
         assert_eq!(
-            normalize_name("bert.embeddings.LayerNorm.beta"),
+            bert("bert.embeddings.LayerNorm.beta"),
             "embeddings.LayerNorm.bias"
         );
+        assert_eq!(bert("cls.predictions.bias"), "cls.predictions.bias");
         assert_eq!(
-            normalize_name("cls.predictions.bias"),
-            "cls.predictions.bias"
-        );
-        assert_eq!(
-            normalize_name("embeddings.word_embeddings.weight"),
+            bert("embeddings.word_embeddings.weight"),
             "embeddings.word_embeddings.weight"
         );
+        assert_eq!(
+            normalize_name(Architecture::Llama, "model.layers.2.mlp.down_proj.weight").unwrap(),
+            "layers.2.mlp.down_proj.weight"
+        );
+        assert_eq!(
+            normalize_name(Architecture::Llama, "lm_head.weight").unwrap(),
+            "lm_head.weight"
+        );
+        assert_eq!(
+            normalize_name(Architecture::Gpt2, "transformer.h.0.mlp.c_fc.bias").unwrap(),
+            "h.0.mlp.c_fc.bias"
+        );
+        assert_eq!(normalize_name(Architecture::Gpt2, "h.0.attn.bias"), None);
     }
 
     #[test]

@@ -1,16 +1,24 @@
-//! The model side: `config.json`, finding and loading checkpoints (local or hub,
-//! safetensors or PyTorch), the tokenizer, and the BERT forward pass with neuron access.
+//! The model side: `config.json`, finding and loading checkpoints (local directory, GGUF
+//! file or hub; safetensors, PyTorch or GGUF weights), the tokenizer, and one forward
+//! pass with neuron access per architecture ([`bert`], [`llama`], [`gpt2`], behind
+//! [`LanguageModel`]), built from the shared blocks of [`nn`].
 
 pub mod bert;
 pub mod config;
+pub mod gguf;
+pub mod gpt2;
 pub mod hub;
+pub mod language_model;
+pub mod llama;
 pub mod load;
 pub mod neurons;
+pub mod nn;
 pub mod random;
 pub mod tokenizer;
 
 pub use bert::{BertMaskedLm, FfnHook};
-pub use config::Config;
+pub use config::{Architecture, Config};
+pub use language_model::LanguageModel;
 pub use load::{LoadedModel, ModelFiles, ModelSource, TokenizerFiles, WeightsFile};
 pub use neurons::{ActivationCapture, Neuron, NeuronOp, NeuronPatch};
 pub use tokenizer::{EncodedPrompt, MaskTokenizer};

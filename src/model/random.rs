@@ -168,5 +168,118 @@ pub fn tiny_config(vocab_size: usize, hidden: usize, layers: usize, intermediate
         layer_norm_eps: 1e-12,
         position_embedding_type: "absolute".into(),
         model_type: Some("bert".into()),
+        num_key_value_heads: 2,
+        head_dim: hidden / 2,
+        ..Config::default()
     }
+}
+
+/// A small decoder configuration for tests: Llama (4 heads over 2 key-value heads;
+/// `qwen2` adds q/k/v biases) or GPT-2 (4 heads), `layers` × `intermediate` neurons.
+pub fn tiny_decoder_config(
+    model_type: &str,
+    vocab_size: usize,
+    hidden: usize,
+    layers: usize,
+    intermediate: usize,
+    tied: bool,
+) -> Result<Config> {
+    let json = match model_type {
+        "gpt2" => serde_json::json!({
+            "model_type": "gpt2", "vocab_size": vocab_size, "n_embd": hidden, "n_layer": layers,
+            "n_head": 4, "n_inner": intermediate, "n_positions": 32,
+            "tie_word_embeddings": tied,
+        }),
+        _ => serde_json::json!({
+            "model_type": model_type, "vocab_size": vocab_size, "hidden_size": hidden,
+            "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "intermediate_size": intermediate, "max_position_embeddings": 32,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": tied,
+        }),
+    };
+    Config::from_json(&json).map_err(|reason| Error::model("tiny decoder", reason))
+}
+
+/// Random weights for a decoder `cfg` under its Hugging Face names
+/// (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `GPT2LMHeadModel`; GPT-2's Conv1D weights
+/// `[in, out]`), with `lm_head.weight` only when untied. Norm scales are near 1 and
+/// their biases nonzero, so that a mistake in their handling shows.
+pub fn random_decoder_tensors(
+    cfg: &Config,
+    seed: u64,
+    std: f32,
+) -> Result<HashMap<String, Tensor>> {
+    use super::config::Architecture;
+    let mut rng = Normal(SplitMix64::new(seed));
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let mut out = HashMap::new();
+    let mut put = |name: String, shape: &[usize], mean: f32, std: f32| -> Result<()> {
+        out.insert(name, rng.tensor(shape, mean, std)?);
+        Ok(())
+    };
+    match cfg.architecture {
+        Architecture::Gpt2 => {
+            put("transformer.wte.weight".into(), &[v, h], 0.0, std)?;
+            put(
+                "transformer.wpe.weight".into(),
+                &[cfg.max_position_embeddings, h],
+                0.0,
+                std,
+            )?;
+            for l in 0..cfg.num_hidden_layers {
+                let p = format!("transformer.h.{l}");
+                for (name, inp, outp) in [
+                    ("attn.c_attn", h, 3 * h),
+                    ("attn.c_proj", h, h),
+                    ("mlp.c_fc", h, i),
+                    ("mlp.c_proj", i, h),
+                ] {
+                    put(format!("{p}.{name}.weight"), &[inp, outp], 0.0, std)?;
+                    put(format!("{p}.{name}.bias"), &[outp], 0.0, std / 4.0)?;
+                }
+                for norm in ["ln_1", "ln_2"] {
+                    put(format!("{p}.{norm}.weight"), &[h], 1.0, 0.1)?;
+                    put(format!("{p}.{norm}.bias"), &[h], 0.0, 0.1)?;
+                }
+            }
+            put("transformer.ln_f.weight".into(), &[h], 1.0, 0.1)?;
+            put("transformer.ln_f.bias".into(), &[h], 0.0, 0.1)?;
+        }
+        _ => {
+            let (d, heads, kv) = (
+                cfg.head_dim(),
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+            );
+            put("model.embed_tokens.weight".into(), &[v, h], 0.0, std)?;
+            for l in 0..cfg.num_hidden_layers {
+                let p = format!("model.layers.{l}");
+                for (name, rows, cols) in [
+                    ("self_attn.q_proj", heads * d, h),
+                    ("self_attn.k_proj", kv * d, h),
+                    ("self_attn.v_proj", kv * d, h),
+                    ("self_attn.o_proj", h, heads * d),
+                    ("mlp.gate_proj", i, h),
+                    ("mlp.up_proj", i, h),
+                    ("mlp.down_proj", h, i),
+                ] {
+                    put(format!("{p}.{name}.weight"), &[rows, cols], 0.0, std)?;
+                    if cfg.attention_bias
+                        && name != "self_attn.o_proj"
+                        && name.starts_with("self_attn")
+                    {
+                        put(format!("{p}.{name}.bias"), &[rows], 0.0, std / 4.0)?;
+                    }
+                }
+                for norm in ["input_layernorm", "post_attention_layernorm"] {
+                    put(format!("{p}.{norm}.weight"), &[h], 1.0, 0.1)?;
+                }
+            }
+            put("model.norm.weight".into(), &[h], 1.0, 0.1)?;
+        }
+    }
+    if !cfg.tie_word_embeddings {
+        put("lm_head.weight".into(), &[v, h], 0.0, std)?;
+    }
+    Ok(out)
 }

@@ -1,4 +1,6 @@
-//! Tokenizing cloze prompts (one `[MASK]`) and single-token answers.
+//! Tokenizing cloze prompts (one `[MASK]`) and single-token answers, for masked LMs
+//! (the mask token stands where the answer goes) and causal LMs (the prompt ends where
+//! the answer goes: the last prompt token predicts it).
 
 use std::path::Path;
 
@@ -18,25 +20,77 @@ pub const MASK_PLACEHOLDER: &str = "[MASK]";
 /// A prompt ready for the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncodedPrompt {
-    /// Token ids, with the model's special tokens (`[CLS] … [SEP]`).
+    /// Token ids, with the model's special tokens (`[CLS] … [SEP]`, a causal model's BOS).
     pub ids: Vec<u32>,
     /// The tokens, for messages and output.
     pub tokens: Vec<String>,
-    /// Index of the one mask token in `ids`.
+    /// Where the answer is read: the mask token's index in `ids` (masked LMs), or the
+    /// last prompt token's, whose output predicts the next token (causal LMs).
     pub mask_position: usize,
+    /// Causal LMs: the text after `[MASK]` that was dropped (a final period), if any.
+    pub dropped: Option<String>,
 }
 
-/// A tokenizer that knows the model's mask token and checks prompts and answers.
+/// A tokenizer that knows how the model reads a cloze prompt and checks prompts and
+/// answers.
 #[derive(Debug, Clone)]
 pub struct MaskTokenizer {
     inner: Tokenizer,
-    mask_token: String,
-    mask_id: u32,
+    /// The mask token of a masked LM; `None` for a causal LM.
+    mask: Option<(String, u32)>,
     unk_id: Option<u32>,
 }
 
+/// Text after `[MASK]` that a causal prompt may end with and that is dropped: white
+/// space and sentence punctuation.
+fn is_droppable(c: char) -> bool {
+    c.is_whitespace() || matches!(c, '.' | '!' | '?' | ',' | ';' | ':' | '"' | '\'' | ')')
+}
+
 impl MaskTokenizer {
-    /// Loads `tokenizer.json`, or builds a BERT WordPiece tokenizer from `vocab.txt`.
+    /// A causal LM's tokenizer (no mask token: prompts end where the answer goes),
+    /// from a `tokenizers` tokenizer (e.g. one built from a GGUF file's metadata).
+    pub fn causal(inner: Tokenizer, path: &Path) -> Result<Self> {
+        let mut inner = inner;
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::model(path, format!("cannot disable truncation: {e}")))?;
+        inner.with_padding(None);
+        Ok(Self {
+            inner,
+            mask: None,
+            unk_id: None,
+        })
+    }
+
+    /// A causal LM's tokenizer from `tokenizer.json`.
+    pub fn load_causal(files: &TokenizerFiles) -> Result<Self> {
+        match files {
+            TokenizerFiles::Json(path) => {
+                let tok = Tokenizer::from_file(path)
+                    .map_err(|e| Error::model(path, format!("cannot read tokenizer: {e}")))?;
+                Self::causal(tok, path)
+            }
+            TokenizerFiles::Vocab { vocab, .. } => Err(Error::model(
+                vocab,
+                "a causal language model needs a tokenizer.json (vocab.txt is BERT's WordPiece)",
+            )),
+            TokenizerFiles::Gguf(path) => Self::causal(super::gguf::read(path)?.tokenizer, path),
+        }
+    }
+
+    /// Whether prompts end where the answer goes (a causal LM's tokenizer).
+    pub fn is_causal(&self) -> bool {
+        self.mask.is_none()
+    }
+
+    /// The underlying `tokenizers` tokenizer (to save it beside an edited model).
+    pub fn inner(&self) -> &Tokenizer {
+        &self.inner
+    }
+
+    /// Loads a masked LM's `tokenizer.json`, or builds a BERT WordPiece tokenizer from
+    /// `vocab.txt`.
     pub fn load(files: &TokenizerFiles) -> Result<Self> {
         let (inner, path, config) = match files {
             TokenizerFiles::Json(path) => {
@@ -59,6 +113,12 @@ impl MaskTokenizer {
                     vocab.as_path(),
                     config,
                 )
+            }
+            TokenizerFiles::Gguf(path) => {
+                return Err(Error::model(
+                    path,
+                    "a GGUF file holds a causal language model, which has no mask token",
+                ))
             }
         };
         let mut inner = inner;
@@ -87,8 +147,7 @@ impl MaskTokenizer {
         let unk_id = inner.token_to_id(&unk_token);
         Ok(Self {
             inner,
-            mask_token,
-            mask_id,
+            mask: Some((mask_token, mask_id)),
             unk_id,
         })
     }
@@ -98,9 +157,9 @@ impl MaskTokenizer {
         self.inner.get_vocab_size(true)
     }
 
-    /// The model's mask token.
-    pub fn mask_token(&self) -> &str {
-        &self.mask_token
+    /// The model's mask token (`None` for a causal LM).
+    pub fn mask_token(&self) -> Option<&str> {
+        self.mask.as_ref().map(|(token, _)| token.as_str())
     }
 
     /// The id of the unknown token, when the vocabulary has one.
@@ -115,7 +174,7 @@ impl MaskTokenizer {
             .unwrap_or_else(|| format!("<id {id}>"))
     }
 
-    /// Tokenizes a prompt that holds exactly one `[MASK]`.
+    /// Tokenizes a prompt that holds exactly one `[MASK]` (for a causal LM, at its end).
     pub fn encode_prompt(&self, prompt: &str) -> Result<EncodedPrompt> {
         let occurrences = prompt.matches(MASK_PLACEHOLDER).count();
         if occurrences == 0 {
@@ -128,7 +187,10 @@ impl MaskTokenizer {
                 "prompt has {occurrences} {MASK_PLACEHOLDER} tokens; kn needs exactly one: {prompt:?}"
             )));
         }
-        let text = prompt.replace(MASK_PLACEHOLDER, &self.mask_token);
+        let Some((mask_token, mask_id)) = &self.mask else {
+            return self.encode_causal_prompt(prompt);
+        };
+        let text = prompt.replace(MASK_PLACEHOLDER, mask_token);
         let encoding = self
             .inner
             .encode(text.as_str(), true)
@@ -137,7 +199,7 @@ impl MaskTokenizer {
         let masks: Vec<usize> = ids
             .iter()
             .enumerate()
-            .filter(|(_, &id)| id == self.mask_id)
+            .filter(|(_, &id)| id == *mask_id)
             .map(|(i, _)| i)
             .collect();
         match masks.as_slice() {
@@ -145,6 +207,7 @@ impl MaskTokenizer {
                 tokens: encoding.get_tokens().to_vec(),
                 ids,
                 mask_position: *position,
+                dropped: None,
             }),
             [] => Err(Error::Prompt(format!(
                 "the tokenizer did not keep {MASK_PLACEHOLDER} as one token in {prompt:?}"
@@ -156,6 +219,74 @@ impl MaskTokenizer {
         }
     }
 
+    /// A causal prompt: `[MASK]` at the end (white space and punctuation after it are
+    /// dropped); the model reads the text before it, trailing white space removed.
+    fn encode_causal_prompt(&self, prompt: &str) -> Result<EncodedPrompt> {
+        let (before, after) = prompt
+            .split_once(MASK_PLACEHOLDER)
+            .expect("one [MASK], checked by the caller");
+        if !after.chars().all(is_droppable) {
+            return Err(Error::Prompt(format!(
+                "{MASK_PLACEHOLDER} must end the prompt for a causal language model (it predicts \
+                 the next token), but {after:?} follows it: {prompt:?}"
+            )));
+        }
+        let text = before.trim_end();
+        let (ids, tokens) = self.encode_text(text)?;
+        if ids.is_empty() {
+            return Err(Error::Prompt(format!(
+                "prompt has no text before {MASK_PLACEHOLDER}: {prompt:?}"
+            )));
+        }
+        let dropped = after.trim();
+        Ok(EncodedPrompt {
+            mask_position: ids.len() - 1,
+            ids,
+            tokens,
+            dropped: (!dropped.is_empty()).then(|| dropped.to_string()),
+        })
+    }
+
+    /// Checks that `answer` (token `answer_id`) stands as its own token in `prompt`:
+    /// written in place of the mask, the prompt must tokenize to its own tokens with the
+    /// answer at the mask (masked LMs), or followed by exactly the answer token (causal
+    /// LMs). The error names the pieces the answer became.
+    pub fn check_answer(
+        &self,
+        prompt: &str,
+        encoded: &EncodedPrompt,
+        answer: &str,
+        answer_id: u32,
+    ) -> Result<()> {
+        let (filled, expected) = if self.is_causal() {
+            let before = prompt
+                .split_once(MASK_PLACEHOLDER)
+                .map_or(prompt, |(b, _)| b);
+            let mut expected = encoded.ids.clone();
+            expected.push(answer_id);
+            (format!("{before}{}", answer.trim()), expected)
+        } else {
+            let mut expected = encoded.ids.clone();
+            expected[encoded.mask_position] = answer_id;
+            (prompt.replace(MASK_PLACEHOLDER, answer.trim()), expected)
+        };
+        let (ids, tokens) = self.encode_text(&filled)?;
+        if ids == expected {
+            return Ok(());
+        }
+        // The pieces the answer became: the tokens past the common start.
+        let common = ids
+            .iter()
+            .zip(&expected)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let pieces = &tokens[common.min(tokens.len())..];
+        Err(Error::Prompt(format!(
+            "the answer {answer:?} does not stand as its own token here: with it in place of \
+             {MASK_PLACEHOLDER} the prompt tokenizes as {tokens:?} (the answer's part: {pieces:?})"
+        )))
+    }
+
     /// Tokenizes any text with the model's special tokens (`[CLS] … [SEP]`): ids and tokens.
     pub fn encode_text(&self, text: &str) -> Result<(Vec<u32>, Vec<String>)> {
         let encoding = self
@@ -165,11 +296,21 @@ impl MaskTokenizer {
         Ok((encoding.get_ids().to_vec(), encoding.get_tokens().to_vec()))
     }
 
-    /// The id of an answer that must be exactly one vocabulary token.
+    /// The id of an answer that must be exactly one vocabulary token: the word itself
+    /// for a masked LM, the word after a space (" Paris") for a causal LM, whose
+    /// byte-level tokens carry the space before a word.
     pub fn answer_id(&self, answer: &str) -> Result<u32> {
+        let text = if self.is_causal() {
+            format!(" {}", answer.trim())
+        } else {
+            answer.trim().to_string()
+        };
+        if answer.trim().is_empty() {
+            return Err(Error::Prompt(format!("answer {answer:?} is empty")));
+        }
         let encoding = self
             .inner
-            .encode(answer.trim(), false)
+            .encode(text.as_str(), false)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         match encoding.get_ids() {
             [] => Err(Error::Prompt(format!("answer {answer:?} is empty"))),
