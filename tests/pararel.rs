@@ -141,6 +141,7 @@ fn relations_with_too_few_patterns_or_no_files_are_dropped() {
             dirs: ParaRelDirs::under(&root),
             relations: None,
             min_patterns: 4,
+            object_last: false,
             limit: None,
             seed: 0,
         },

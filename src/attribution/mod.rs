@@ -14,7 +14,7 @@ pub mod select;
 mod simd;
 
 use crate::error::{Error, Result};
-use crate::model::tokenizer::MaskTokenizer;
+use crate::model::tokenizer::{EncodedPrompt, MaskTokenizer};
 use crate::model::LoadedModel;
 use engine::Engine;
 use ig::{IgOptions, Rule};
@@ -153,8 +153,9 @@ impl Attributor {
                     .map_err(|e| Error::Prompt(format!("prompt {}: {e}", n + 1)))
             })
             .collect::<Result<Vec<_>>>()?;
-        for (prompt, (ids, mask)) in fact.prompts.iter().zip(encoded) {
-            let attribution = self.scores_of(&ids, mask, answer_id)?;
+        for (prompt, encoded) in fact.prompts.iter().zip(encoded) {
+            let mask = encoded.mask_position;
+            let attribution = self.scores_of(&encoded.ids, mask, answer_id)?;
             let max = max_score(&attribution.scores);
             let stored = above(&attribution.scores, self.options.stored_fraction());
             let (coarse, kept) = split_at_threshold(stored, max, self.options.threshold);
@@ -167,6 +168,7 @@ impl Attributor {
             prompts.push(PromptRecord {
                 prompt: prompt.clone(),
                 mask_position: mask,
+                dropped: encoded.dropped,
                 gold_probability: attribution.gold_probability,
                 max_score: max,
                 coarse,
@@ -191,8 +193,8 @@ impl Attributor {
     /// Every neuron's score (all layers, signed) for one prompt and answer.
     pub fn scores(&self, prompt: &str, answer: &str) -> Result<ig::PromptAttribution> {
         let answer_id = self.tokenizer.answer_id(answer)?;
-        let (ids, mask) = self.check_prompt(prompt, answer, answer_id)?;
-        self.scores_of(&ids, mask, answer_id)
+        let encoded = self.check_prompt(prompt, answer, answer_id)?;
+        self.scores_of(&encoded.ids, encoded.mask_position, answer_id)
     }
 
     fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
@@ -206,12 +208,7 @@ impl Attributor {
     }
 
     /// Tokenizes a prompt and checks it against the model and the answer.
-    fn check_prompt(
-        &self,
-        prompt: &str,
-        answer: &str,
-        answer_id: u32,
-    ) -> Result<(Vec<u32>, usize)> {
+    fn check_prompt(&self, prompt: &str, answer: &str, answer_id: u32) -> Result<EncodedPrompt> {
         let tokenizer = &self.tokenizer;
         let encoded = tokenizer.encode_prompt(prompt)?;
         let max = self.max_positions;
@@ -222,7 +219,7 @@ impl Attributor {
             )));
         }
         tokenizer.check_answer(prompt, &encoded, answer, answer_id)?;
-        Ok((encoded.ids, encoded.mask_position))
+        Ok(encoded)
     }
 }
 

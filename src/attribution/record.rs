@@ -107,8 +107,12 @@ pub struct ModelInfo {
 pub struct PromptRecord {
     /// The prompt as given.
     pub prompt: String,
-    /// Index of the mask token.
+    /// Where the answer is read: the mask token's index (masked LMs), or the last prompt
+    /// token's (causal LMs, whose output there predicts the answer).
     pub mask_position: usize,
+    /// Causal LMs: the text after `[MASK]` that was dropped (a final period), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropped: Option<String>,
     /// `P(gold)` in the normal forward pass.
     pub gold_probability: f64,
     /// Largest score over all layers and neurons.

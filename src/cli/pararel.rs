@@ -26,9 +26,15 @@ pub(super) struct PararelArgs {
     #[arg(long, default_value_t = 4)]
     min_patterns: usize,
     /// Drop (and count) facts whose object is not one token of this model's tokenizer:
-    /// a model directory or hub id (only its tokenizer files are read or fetched).
-    #[arg(long, value_name = "DIR|HUB_ID")]
+    /// a model directory, GGUF file or hub id (only its tokenizer files are read or
+    /// fetched). For a causal model the object is tokenized after a space (" Paris"),
+    /// and --object-last is implied.
+    #[arg(long, value_name = "DIR|FILE|HUB_ID")]
     vocab: Option<String>,
+    /// Keep only the patterns whose [Y] ends the sentence (a causal model reads the
+    /// prompt up to the answer); --min-patterns counts the patterns kept.
+    #[arg(long)]
+    object_last: bool,
     /// At most N facts per relation, drawn at random (--seed) among the facts kept, and
     /// written in file order [default: every fact].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
@@ -65,6 +71,7 @@ impl PararelArgs {
             },
             relations: (!relations.is_empty()).then_some(relations),
             min_patterns: self.min_patterns,
+            object_last: self.object_last,
             limit: self.limit.map(|n| n as usize),
             seed: self.seed.unwrap_or(0),
         })
@@ -72,7 +79,7 @@ impl PararelArgs {
 }
 
 pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {
-    let options = args.options()?;
+    let mut options = args.options()?;
     // Refuse an existing --out before the (longer) reading, and open it only once every
     // input line has been checked, so that bad input leaves no partial file.
     if args.out != std::path::Path::new("-") && args.out.exists() && !args.force {
@@ -85,12 +92,15 @@ pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {
         Some(spec) => {
             let source = ModelSource::parse(spec, None)?;
             let files = TokenizerFiles::locate(&source)?;
-            let tokenizer = MaskTokenizer::load(&files)
+            let tokenizer = MaskTokenizer::for_model(&files)
                 .with_context(|| format!("loading the tokenizer of {source}"))?;
             Some(tokenizer)
         }
         None => None,
     };
+    if vocab.as_ref().is_some_and(MaskTokenizer::is_causal) {
+        options.object_last = true;
+    }
     let conversion = convert(&options, vocab.as_ref())?;
     let mut out = JsonlWriter::new(open_output(&args.out, false, args.force, false)?, &args.out);
     for fact in &conversion.facts {
@@ -111,6 +121,9 @@ fn print_summary(summary: &Summary, vocab: Option<&str>) {
         let mut line = format!("kn: {name}: {} patterns", c.patterns);
         if c.duplicate_patterns > 0 {
             line += &format!(" ({} duplicate lines dropped)", c.duplicate_patterns);
+        }
+        if c.object_not_last > 0 {
+            line += &format!(" ({} with text after [Y] dropped)", c.object_not_last);
         }
         line += &format!(", {} facts", c.facts);
         if c.duplicate_facts > 0 {

@@ -286,8 +286,11 @@ pub struct ConvertOptions {
     pub dirs: ParaRelDirs,
     /// Only these relations (each must have both files), or every relation found.
     pub relations: Option<Vec<String>>,
-    /// Relations with fewer distinct patterns are dropped.
+    /// Relations with fewer distinct patterns are dropped (counted after `object_last`).
     pub min_patterns: usize,
+    /// Keep only the patterns whose `[Y]` ends the sentence (nothing but white space and
+    /// punctuation after it): the prompts a causal model can read.
+    pub object_last: bool,
     /// At most this many facts per relation, drawn at random (see `seed`).
     pub limit: Option<usize>,
     /// Seeds the draw of `limit`.
@@ -333,6 +336,8 @@ pub struct KeptCounts {
     pub patterns: usize,
     /// Pattern lines dropped as duplicates.
     pub duplicate_patterns: usize,
+    /// Patterns dropped because text follows their `[Y]` (with `object_last`).
+    pub object_not_last: usize,
     /// Distinct facts read.
     pub facts: usize,
     /// Fact lines dropped as duplicates.
@@ -458,7 +463,11 @@ fn convert_relation(
     if !dirs.facts_file(name).is_file() {
         return Ok(RelationOutcome::Dropped(DropReason::NoFacts));
     }
-    let relation = Relation::read(dirs, name)?;
+    let mut relation = Relation::read(dirs, name)?;
+    let read_patterns = relation.patterns.len();
+    if options.object_last {
+        relation.patterns.retain(|p| object_is_last(p));
+    }
     if relation.patterns.len() < options.min_patterns {
         return Ok(RelationOutcome::Dropped(DropReason::TooFewPatterns {
             patterns: relation.patterns.len(),
@@ -468,6 +477,7 @@ fn convert_relation(
     let mut counts = KeptCounts {
         patterns: relation.patterns.len(),
         duplicate_patterns: relation.duplicate_patterns,
+        object_not_last: read_patterns - relation.patterns.len(),
         facts: relation.facts.len(),
         duplicate_facts: relation.duplicate_facts,
         ..KeptCounts::default()
@@ -487,6 +497,15 @@ fn convert_relation(
     counts.written = usable.len();
     out.extend(usable.into_iter().map(|t| relation.fact(t)));
     Ok(RelationOutcome::Kept(counts))
+}
+
+/// Whether a pattern's `[Y]` ends it: only white space and sentence punctuation follow.
+pub fn object_is_last(pattern: &str) -> bool {
+    pattern.split_once(OBJECT_SLOT).is_some_and(|(_, after)| {
+        after
+            .chars()
+            .all(|c| c.is_whitespace() || matches!(c, '.' | '!' | '?' | ',' | ';' | ':'))
+    })
 }
 
 /// At most `limit` of `items`, drawn by a shuffle seeded with `seed` and `relation`,

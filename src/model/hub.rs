@@ -18,8 +18,9 @@ use crate::error::{Error, Result};
 const REQUIRED: &[&str] = &["config.json"];
 const TOKENIZER_CHOICES: &[&str] = &["tokenizer.json", "vocab.txt"];
 const WEIGHTS_CHOICES: &[&str] = &["model.safetensors", "pytorch_model.bin"];
-/// Read when present, for `vocab.txt` tokenizers (lower-casing, special tokens).
-const OPTIONAL: &[&str] = &["tokenizer_config.json"];
+/// Read when present: for `vocab.txt` tokenizers (lower-casing, special tokens), and
+/// `config.json` to tell a causal model's tokenizer from a masked one's.
+const OPTIONAL: &[&str] = &["tokenizer_config.json", "config.json"];
 
 /// Gets one file of the repository: `Ok(None)` when the repository has no such file.
 type FetchFile = dyn Fn(&str) -> std::result::Result<Option<PathBuf>, String>;

