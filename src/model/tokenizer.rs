@@ -186,8 +186,16 @@ impl MaskTokenizer {
         self.unk_id
     }
 
-    /// The token string of an id.
+    /// The token string of an id: the vocabulary entry (masked LMs), or its decoded
+    /// text for a causal LM (" Paris" rather than the byte-level "ĠParis").
     pub fn token(&self, id: u32) -> String {
+        if self.is_causal() {
+            if let Ok(text) = self.inner.decode(&[id], false) {
+                if !text.is_empty() {
+                    return text;
+                }
+            }
+        }
         self.inner
             .id_to_token(id)
             .unwrap_or_else(|| format!("<id {id}>"))
@@ -289,10 +297,11 @@ impl MaskTokenizer {
             expected[encoded.mask_position] = answer_id;
             (prompt.replace(MASK_PLACEHOLDER, answer.trim()), expected)
         };
-        let (ids, tokens) = self.encode_text(&filled)?;
+        let (ids, _) = self.encode_text(&filled)?;
         if ids == expected {
             return Ok(());
         }
+        let tokens: Vec<String> = ids.iter().map(|&id| self.token(id)).collect();
         // The pieces the answer became: the tokens past the common start.
         let common = ids
             .iter()
@@ -338,9 +347,9 @@ impl MaskTokenizer {
                 self.token(*id)
             ))),
             [id] => Ok(*id),
-            _ => Err(Error::Prompt(format!(
+            ids => Err(Error::Prompt(format!(
                 "answer {answer:?} is not a single token of the vocabulary: it becomes {:?}",
-                encoding.get_tokens()
+                ids.iter().map(|&id| self.token(id)).collect::<Vec<_>>()
             ))),
         }
     }

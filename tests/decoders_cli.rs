@@ -1,0 +1,355 @@
+//! `kn` on decoder LMs through the command line: predict, attribute, probe and edit on
+//! the tiny random GPT-2, Llama and Qwen2 checkpoints and the GGUF file; edits change
+//! exactly the value slots asked for (GPT-2's Conv1D rows in the file), by the update
+//! rule, reload as edited and revert exactly; causal prompt rules and bad input are
+//! clear errors.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use kn::model::load::read_tensors;
+use kn::model::{LoadedModel, ModelFiles, ModelSource, Neuron};
+use kn::predict::mask_distribution;
+use serde_json::json;
+
+use common::{json_lines, kn, tiny_decoder};
+
+/// The tiny decoders, as `--model` takes them.
+const MODELS: [&str; 6] = [
+    "gpt2-tied",
+    "gpt2-untied",
+    "llama-tied",
+    "llama-untied",
+    "qwen2-untied",
+    "llama-tied.gguf",
+];
+
+const PROMPTS: [&str; 3] = [
+    "Paris is the [MASK].",
+    "Rome is a [MASK].",
+    "Berlin was the [MASK].",
+];
+
+fn load(path: &Path) -> LoadedModel {
+    let source = ModelSource::parse(&path.to_string_lossy(), None).unwrap();
+    LoadedModel::load(
+        ModelFiles::locate(&source).unwrap(),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
+/// A `kn attribute` record of fact "a" (answer " capital") with these refined neurons.
+fn neurons_record(refined: &[(usize, usize)]) -> String {
+    json!({
+        "id": "a", "relation": "R1", "answer": "capital", "answer_id": 319,
+        "refined": refined.iter().map(|&(layer, index)| json!({
+            "layer": layer, "index": index, "prompts": 3, "share": 1.0, "mean_relative_score": 1.0
+        })).collect::<Vec<_>>(),
+        "prompts": PROMPTS.iter().map(|p| json!({
+            "prompt": p, "mask_position": 3, "gold_probability": 0.1, "max_score": 1.0,
+            "coarse": [], "kept": []
+        })).collect::<Vec<_>>(),
+        "model": {"source": "tiny", "weights_sha256": "0"},
+        "params": {"method": "integrated-gradients", "steps": 20, "rule": "left", "threshold": 0.2,
+                   "share": 0.7, "min_prompts": 3, "keep": 0.1},
+        "kn_version": "0"
+    })
+    .to_string()
+        + "\n"
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn slot(lm: &LoadedModel, neuron: Neuron) -> Vec<f32> {
+    kn::edit::value_slot(&lm.model, neuron).unwrap()
+}
+
+fn norm(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
+}
+
+/// Update through the CLI on every decoder: the two chosen slots move by the paper's
+/// rule with E the input embeddings, nothing else in the FFN output projections moves,
+/// the written model reloads as the in-memory edit predicts, and revert restores the
+/// source exactly (a GGUF source: its Hugging Face conversion).
+#[test]
+fn update_edits_exactly_the_value_slots_and_reverts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chosen = [(1, 5), (2, 7)];
+    let neurons = write(tmp.path(), "kn.jsonl", &neurons_record(&chosen));
+    let update = write(
+        tmp.path(),
+        "update.jsonl",
+        "{\"id\":\"a\",\"new_answer\":\"the\"}\n",
+    );
+    for name in MODELS {
+        let model = tiny_decoder(name);
+        let out = tmp.path().join(format!("{name}-edited"));
+        let output = kn()
+            .args(["edit", "--model"])
+            .arg(&model)
+            .arg("--neurons")
+            .arg(&neurons)
+            .arg("--update")
+            .arg(&update)
+            .args(["--min-correct", "0", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{name}: {stderr}");
+        assert!(
+            stderr.contains("1 fact(s) edited, 0 skipped, 2 value slot(s) changed"),
+            "{name}: {stderr}"
+        );
+
+        let source = load(&model);
+        let edited = load(&out);
+        assert_eq!(edited.architecture(), source.architecture(), "{name}");
+        let e = source.model.input_embeddings();
+        let row = |id: u32| -> Vec<f32> { e.i(id as usize).unwrap().to_vec1().unwrap() };
+        let (old_id, new_id) = (
+            source.tokenizer.answer_id("capital").unwrap(),
+            source.tokenizer.answer_id("the").unwrap(),
+        );
+        let (e_old, e_new) = (row(old_id), row(new_id));
+        for layer in 0..source.config.num_hidden_layers {
+            for index in 0..source.config.intermediate_size {
+                let neuron = Neuron { layer, index };
+                let (before, after) = (slot(&source, neuron), slot(&edited, neuron));
+                if chosen.contains(&(layer, index)) {
+                    // v ← v − λ1·E_t + λ2·E_t′, λ1 = ‖v‖/‖E_t‖, λ2 = 8‖v‖/‖E_t′‖.
+                    let (l1, l2) = (
+                        norm(&before) / norm(&e_old),
+                        8.0 * norm(&before) / norm(&e_new),
+                    );
+                    for h in 0..before.len() {
+                        let want = f64::from(before[h]) - l1 * f64::from(e_old[h])
+                            + l2 * f64::from(e_new[h]);
+                        let got = f64::from(after[h]);
+                        assert!(
+                            (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                            "{name} {layer}:{index}[{h}]: {got} vs {want}"
+                        );
+                    }
+                } else {
+                    assert_eq!(
+                        before, after,
+                        "{name}: slot {layer}:{index} must not change"
+                    );
+                }
+            }
+        }
+        // The file stores GPT-2's slots as rows of the Conv1D weight, the others' as columns.
+        let tensors: std::collections::HashMap<String, Tensor> =
+            read_tensors(&edited.files.weights)
+                .unwrap()
+                .into_iter()
+                .collect();
+        let (file_name, as_row) = match edited.architecture().name() {
+            "gpt2" => ("transformer.h.2.mlp.c_proj.weight", true),
+            _ => ("model.layers.2.mlp.down_proj.weight", false),
+        };
+        let weight = &tensors[file_name];
+        let in_file: Vec<f32> = if as_row {
+            weight.i(7).unwrap().to_vec1().unwrap()
+        } else {
+            weight.i((.., 7)).unwrap().to_vec1().unwrap()
+        };
+        assert_eq!(
+            in_file,
+            slot(&edited, Neuron { layer: 2, index: 7 }),
+            "{name}"
+        );
+
+        // The reloaded model predicts what it should: the edited model's probabilities
+        // differ from the source's, and are its own on reload.
+        let before = mask_distribution(&source, PROMPTS[0], &())
+            .unwrap()
+            .probabilities;
+        let after = mask_distribution(&edited, PROMPTS[0], &())
+            .unwrap()
+            .probabilities;
+        assert_ne!(before, after, "{name}: the edit changes predictions");
+
+        let restored = tmp.path().join(format!("{name}-restored"));
+        kn().args(["edit", "--revert"])
+            .arg(&out)
+            .arg("--out")
+            .arg(&restored)
+            .assert()
+            .success();
+        let back = load(&restored);
+        let again = mask_distribution(&back, PROMPTS[0], &())
+            .unwrap()
+            .probabilities;
+        assert_eq!(
+            again, before,
+            "{name}: revert restores the source's predictions exactly"
+        );
+        if !name.ends_with(".gguf") {
+            assert_eq!(
+                std::fs::read(restored.join("model.safetensors")).unwrap(),
+                std::fs::read(model.join("model.safetensors")).unwrap(),
+                "{name}: revert is byte-identical"
+            );
+        }
+    }
+}
+
+/// predict, attribute and probe run on every decoder and record the architecture.
+#[test]
+fn predict_attribute_and_probe_run_on_every_decoder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let facts = write(
+        tmp.path(),
+        "facts.jsonl",
+        &(json!({"id": "a", "relation": "R1", "answer": "capital", "prompts": PROMPTS})
+            .to_string()
+            + "\n"),
+    );
+    for name in MODELS {
+        let model = tiny_decoder(name);
+        let output = kn()
+            .args(["predict", "-q", "--top-k", "3", "--model"])
+            .arg(&model)
+            .arg("--input")
+            .arg(&facts)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let lines = json_lines(&output.stdout);
+        assert_eq!(lines.len(), 3, "{name}");
+        // The answer is read after the last prompt token (with the BOS that the Llama
+        // tokenizer adds, and GPT-2's and Qwen2's do not).
+        let (ids, _) = load(&model).tokenizer.encode_text("Paris is the").unwrap();
+        let bos = u32::from(!name.starts_with("gpt2") && !name.starts_with("qwen2"));
+        assert_eq!(ids[0] == 1, bos == 1, "{name}: BOS");
+        assert_eq!(lines[0]["mask_position"], ids.len() - 1, "{name}");
+        assert_eq!(lines[0]["answer_id"], 319, "{name}");
+
+        let neurons = tmp.path().join(format!("{name}.jsonl"));
+        let output = kn()
+            .args(["attribute", "-q", "--threshold", "0.05", "--model"])
+            .arg(&model)
+            .arg("--fact")
+            .arg(&facts)
+            .arg("--out")
+            .arg(&neurons)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let record = &json_lines(&std::fs::read(&neurons).unwrap())[0];
+        let arch = if name.starts_with("gpt2") {
+            "gpt2"
+        } else {
+            "llama"
+        };
+        assert_eq!(record["model"]["architecture"], arch, "{name}");
+        assert_eq!(record["prompts"][0]["dropped"], ".", "{name}");
+        let completeness = record["prompts"][0]["completeness_error"].as_f64().unwrap();
+        assert!(completeness.is_finite(), "{name}");
+
+        let output = kn()
+            .args(["probe", "-q", "--suppress", "--model"])
+            .arg(&model)
+            .arg("--neurons")
+            .arg(&neurons)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(json_lines(&output.stdout).len(), 1, "{name}");
+    }
+}
+
+/// Causal prompt rules and bad decoder input: one clear line each, the other facts go on.
+#[test]
+fn causal_prompt_rules_and_bad_input_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let facts = write(
+        tmp.path(),
+        "facts.jsonl",
+        &[
+            json!({"id": "mid", "answer": "capital", "prompts": ["Paris is the [MASK] of France"]}),
+            json!({"id": "pieces", "answer": "Paris", "prompts": ["It is [MASK]."]}),
+            json!({"id": "ok", "answer": "capital", "prompts": PROMPTS}),
+        ]
+        .iter()
+        .map(|v| v.to_string() + "\n")
+        .collect::<String>(),
+    );
+    let output = kn()
+        .args(["attribute", "-q", "--model"])
+        .arg(tiny_decoder("llama-tied"))
+        .arg("--fact")
+        .arg(&facts)
+        .arg("--out")
+        .arg(tmp.path().join("out.jsonl"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("facts.jsonl:1: prompt 1: [MASK] must end the prompt"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("\" of France\" follows it"), "{stderr}");
+    // The answer's pieces, decoded: " P", "ar", "is".
+    assert!(
+        stderr.contains("facts.jsonl:2: answer \"Paris\" is not a single token"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("[\" P\", \"ar\", \"is\"]"), "{stderr}");
+    let written = std::fs::read_to_string(tmp.path().join("out.jsonl")).unwrap();
+    assert_eq!(written.lines().count(), 1, "the good fact is written");
+
+    // An unsupported architecture is named; a truncated GGUF file is an error, not a panic.
+    let falcon = tmp.path().join("falcon");
+    common::copy_dir(&tiny_decoder("llama-tied"), &falcon);
+    let config = std::fs::read_to_string(falcon.join("config.json")).unwrap();
+    std::fs::write(
+        falcon.join("config.json"),
+        config.replace("\"llama\"", "\"falcon\""),
+    )
+    .unwrap();
+    kn().args(["predict", "--model"])
+        .arg(&falcon)
+        .write_stdin("{\"prompt\": \"a [MASK]\"}\n")
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains(
+            "model_type \"falcon\" is not supported",
+        ));
+    let gguf = std::fs::read(tiny_decoder("llama-tied.gguf")).unwrap();
+    let truncated = tmp.path().join("cut.gguf");
+    std::fs::write(&truncated, &gguf[..gguf.len() / 2]).unwrap();
+    kn().args(["predict", "--model"])
+        .arg(&truncated)
+        .write_stdin("{\"prompt\": \"a [MASK]\"}\n")
+        .assert()
+        .code(1)
+        .stderr(predicates::str::contains("cut.gguf"));
+}
