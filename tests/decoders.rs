@@ -170,3 +170,125 @@ fn smollm2_equals_transformers() {
         }
     }
 }
+
+#[derive(Deserialize)]
+struct AttributeGolden {
+    gguf_sha256: String,
+    steps: usize,
+    rule: String,
+    facts: Vec<GoldenFact>,
+}
+
+#[derive(Deserialize)]
+struct GoldenFact {
+    id: String,
+    relation: String,
+    answer: String,
+    answer_id: u32,
+    refined: Vec<(usize, usize)>,
+    prompts: Vec<GoldenPrompt>,
+}
+
+#[derive(Deserialize)]
+struct GoldenPrompt {
+    prompt: String,
+    gold_probability: f64,
+    max_score: f64,
+    top: Vec<(usize, usize, f64)>,
+    coarse: Vec<(usize, usize, f64)>,
+}
+
+/// kn's attribution of SmolLM2 (m = 20, left rule: the paper's settings) against an
+/// independent float64 PyTorch implementation (hooks on the `down_proj` input, every
+/// point recomputed over the whole sequence), on 2 facts of 5 prompts: the same coarse
+/// sets on every prompt and the same refined sets, and every top-50 neuron's score
+/// within 1e-4 relative with `--precision f64`, within 1e-4 of the prompt's largest
+/// score in kn's default f32.
+#[test]
+fn smollm2_attribution_equals_pytorch() {
+    use kn::attribution::record::Precision;
+    // f64: each score to 1e-4 of itself.
+    smollm2_attribution_against_pytorch(Precision::F64, |_, score| score.abs());
+    // f32: each score to 1e-4 of the largest (single-precision rounding through 30
+    // layers leaves about 1e-5 of it on every score).
+    smollm2_attribution_against_pytorch(Precision::F32, |max, _| max);
+}
+
+fn smollm2_attribution_against_pytorch(
+    precision: kn::attribution::record::Precision,
+    scale: impl Fn(f64, f64) -> f64,
+) {
+    use kn::attribution::record::Method;
+    use kn::attribution::{AttributeOptions, Attributor, Fact};
+    use std::collections::{BTreeSet, HashMap};
+
+    let golden: AttributeGolden = golden("smollm2_attribute.json");
+    let mut options = AttributeOptions::paper(Method::IntegratedGradients);
+    options.precision = precision;
+    // Store scores down to 1% of the max, so that every golden top-50 neuron is there
+    // (the coarse and refined sets do not depend on it).
+    options.keep = 0.01;
+    assert_eq!(
+        (options.ig.steps, options.ig.rule.to_string()),
+        (golden.steps, golden.rule)
+    );
+    let lm = load(&common::smollm2());
+    assert_eq!(lm.files.weights_sha256().unwrap(), golden.gguf_sha256);
+    let attributor = Attributor::new(lm, options).unwrap();
+    assert!(golden.facts.len() >= 2);
+    for fact in &golden.facts {
+        assert!(fact.prompts.len() >= 4);
+        let record = attributor
+            .attribute(&Fact {
+                id: fact.id.clone().into(),
+                relation: Some(fact.relation.clone()),
+                answer: fact.answer.clone(),
+                prompts: fact.prompts.iter().map(|p| p.prompt.clone()).collect(),
+            })
+            .unwrap();
+        assert_eq!(record.answer_id, fact.answer_id, "{}", fact.id);
+        for (got, want) in record.prompts.iter().zip(&fact.prompts) {
+            let what = format!("{precision:?} {} {:?}", fact.id, want.prompt);
+            assert!(
+                (got.gold_probability - want.gold_probability).abs() < 1e-4,
+                "{what}"
+            );
+            let relative = |a: f64, b: f64| (a - b).abs() / b.abs();
+            assert!(
+                relative(f64::from(got.max_score), want.max_score) < 1e-4,
+                "{what}: max"
+            );
+            let scores: HashMap<(usize, usize), f32> = got
+                .coarse
+                .iter()
+                .chain(&got.kept)
+                .map(|n| ((n.layer, n.index), n.score))
+                .collect();
+            assert_eq!(want.top.len(), 50);
+            for &(layer, index, score) in &want.top {
+                let kn = scores.get(&(layer, index)).unwrap_or_else(|| {
+                    panic!("{what}: {layer}:{index} not among kn's stored neurons")
+                });
+                let error = (f64::from(*kn) - score).abs() / scale(want.max_score, score);
+                assert!(
+                    error < 1e-4,
+                    "{what}: {layer}:{index} {kn} vs {score} ({error:.1e})"
+                );
+            }
+            let coarse: BTreeSet<(usize, usize)> =
+                got.coarse.iter().map(|n| (n.layer, n.index)).collect();
+            let want_coarse: BTreeSet<(usize, usize)> =
+                want.coarse.iter().map(|&(l, i, _)| (l, i)).collect();
+            assert_eq!(coarse, want_coarse, "{what}: coarse set");
+        }
+        let refined: BTreeSet<(usize, usize)> =
+            record.refined.iter().map(|n| (n.layer, n.index)).collect();
+        let want: BTreeSet<(usize, usize)> = fact.refined.iter().copied().collect();
+        assert!(
+            !want.is_empty(),
+            "{}: the golden fact has refined neurons",
+            fact.id
+        );
+        assert_eq!(refined, want, "{precision:?} {}: refined set", fact.id);
+    }
+}

@@ -18,7 +18,7 @@ use crate::model::tokenizer::{EncodedPrompt, MaskTokenizer};
 use crate::model::LoadedModel;
 use engine::Engine;
 use ig::{IgOptions, Rule};
-use record::{FactRecord, Method, ModelInfo, Params, PromptRecord};
+use record::{FactRecord, Method, ModelInfo, Params, Precision, PromptRecord};
 use select::{above, max_score, refine, split_at_threshold};
 
 /// Everything that decides what `kn attribute` computes.
@@ -36,6 +36,8 @@ pub struct AttributeOptions {
     pub min_prompts: usize,
     /// Store neurons down to `keep · max` (≤ threshold).
     pub keep: f64,
+    /// The engine's float type.
+    pub precision: Precision,
 }
 
 impl AttributeOptions {
@@ -56,6 +58,7 @@ impl AttributeOptions {
             share: 0.7,
             min_prompts: 3,
             keep: 0.1,
+            precision: Precision::F32,
         }
     }
 
@@ -77,6 +80,7 @@ impl AttributeOptions {
             min_prompts: self.min_prompts,
             keep: self.stored_fraction(),
             adaptive: None,
+            precision: self.precision,
         }
     }
 }
@@ -94,11 +98,17 @@ pub struct Fact {
     pub prompts: Vec<String>,
 }
 
+/// The engine in the float type asked for.
+enum Engines {
+    F32(Engine<f32>),
+    F64(Engine<f64>),
+}
+
 /// Attributes facts with one loaded model.
 pub struct Attributor {
     tokenizer: MaskTokenizer,
     max_positions: usize,
-    engine: Engine<f32>,
+    engine: Engines,
     options: AttributeOptions,
     model_info: ModelInfo,
 }
@@ -118,7 +128,10 @@ impl Attributor {
         Ok(Self {
             tokenizer,
             max_positions: config.max_position_embeddings,
-            engine: Engine::from_model(model)?,
+            engine: match options.precision {
+                Precision::F32 => Engines::F32(Engine::from_model(model)?),
+                Precision::F64 => Engines::F64(Engine::from_model(model)?),
+            },
             options,
             model_info,
         })
@@ -198,7 +211,20 @@ impl Attributor {
     }
 
     fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
-        let pass = self.engine.prepare(ids, mask)?;
+        match &self.engine {
+            Engines::F32(engine) => self.scores_with(engine, ids, mask, answer_id),
+            Engines::F64(engine) => self.scores_with(engine, ids, mask, answer_id),
+        }
+    }
+
+    fn scores_with<F: engine::Real>(
+        &self,
+        engine: &Engine<F>,
+        ids: &[u32],
+        mask: usize,
+        answer_id: u32,
+    ) -> Result<ig::PromptAttribution> {
+        let pass = engine.prepare(ids, mask)?;
         Ok(match self.options.method {
             Method::IntegratedGradients => {
                 ig::integrated_gradients(pass.as_ref(), answer_id as usize, &self.options.ig)

@@ -81,6 +81,38 @@ pub struct Params {
     /// Set by `kn refine --adaptive`: the per-relation share actually used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive: Option<bool>,
+    /// The engine's float type (absent: f32, the default).
+    #[serde(default, skip_serializing_if = "Precision::is_default")]
+    pub precision: Precision,
+}
+
+/// The float type the attribution engine computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Single precision: kn's default, vectorised kernels.
+    #[default]
+    F32,
+    /// Double precision: about twice the time, for exact comparisons.
+    F64,
+}
+
+impl Precision {
+    fn is_default(&self) -> bool {
+        *self == Self::F32
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f64" => Ok(Self::F64),
+            _ => Err(format!("unknown precision {s:?} (f32, f64)")),
+        }
+    }
 }
 
 /// Which model made a record.

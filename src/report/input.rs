@@ -477,6 +477,7 @@ mod tests {
     #[test]
     fn adaptive_records_may_differ_in_share_only() {
         let params = |share: f64, adaptive: Option<bool>| Params {
+            precision: Default::default(),
             method: crate::attribution::record::Method::IntegratedGradients,
             steps: Some(20),
             rule: None,
