@@ -514,3 +514,84 @@ fn repeated_patterns_and_facts_are_kept_once() {
         ("P36:other-uuid", "Other")
     );
 }
+
+/// `--object-last` keeps exactly the patterns whose `[Y]` ends the sentence (checked
+/// against the pattern files read here), counts the others, and applies
+/// `--min-patterns` to what is kept; a decoder's `--vocab` implies it, and tokenizes the
+/// object after a space.
+#[test]
+fn object_last_keeps_the_patterns_a_causal_model_can_read() {
+    let root = pararel();
+    let ends_with_object = |p: &str| {
+        let after = p.split("[Y]").nth(1).unwrap_or("x");
+        after
+            .chars()
+            .all(|c| c.is_whitespace() || ".!?,;:".contains(c))
+    };
+    for relation in ["P36", "P103", "P19"] {
+        let patterns: Vec<String> = {
+            let mut seen = Vec::new();
+            for line in json_file(&root.join(format!("patterns/{relation}.jsonl"))) {
+                let p = line["pattern"].as_str().unwrap().trim().to_string();
+                if !seen.contains(&p) {
+                    seen.push(p);
+                }
+            }
+            seen
+        };
+        let last: Vec<&String> = patterns.iter().filter(|p| ends_with_object(p)).collect();
+        assert!(
+            !last.is_empty() && last.len() < patterns.len(),
+            "{relation}: a real mix"
+        );
+        let output = pararel_cmd()
+            .args([
+                "--relations",
+                relation,
+                "--object-last",
+                "--min-patterns",
+                "1",
+            ])
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        let facts = facts_of(&output.stdout);
+        assert_eq!(facts[0].prompts.len(), last.len(), "{relation}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let dropped = format!(
+            "({} with text after [Y] dropped)",
+            patterns.len() - last.len()
+        );
+        assert!(stderr.contains(&dropped), "{relation}: {stderr}");
+        // --min-patterns counts the patterns kept.
+        let output = pararel_cmd()
+            .args(["--relations", relation, "--object-last", "--min-patterns"])
+            .arg((last.len() + 1).to_string())
+            .output()
+            .unwrap();
+        assert!(output.stdout.is_empty(), "{relation}: dropped");
+    }
+    // A decoder's vocabulary implies it: every prompt ends with [MASK] after filling.
+    let output = pararel_cmd()
+        .args(["--relations", "P36", "--vocab"])
+        .arg(common::smollm2())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("with text after [Y] dropped"), "{stderr}");
+    let facts = facts_of(&output.stdout);
+    assert!(facts.len() > 10, "capitals that are one SmolLM2 token");
+    for fact in facts {
+        for prompt in &fact.prompts {
+            assert!(
+                prompt.trim_end_matches(['.', ' ']).ends_with("[MASK]"),
+                "{prompt}"
+            );
+        }
+    }
+}

@@ -20,7 +20,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::error::Error;
 use crate::model::{DeviceChoice, LoadedModel, ModelFiles, ModelSource};
 
-/// Find and edit knowledge neurons in BERT masked language models.
+/// Find and edit knowledge neurons in transformer language models (BERT masked LMs;
+/// Llama-family and GPT-2 decoders, also from GGUF files).
 #[derive(Debug, Parser)]
 #[command(name = "kn", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
@@ -35,7 +36,8 @@ enum Command {
     Attribute(attribute::AttributeArgs),
     /// Redo neuron selection (threshold, share, adaptive share) on `kn attribute` output.
     Refine(attribute::RefineArgs),
-    /// Fill-mask predictions for cloze prompts (JSONL in, JSONL out).
+    /// Fill-mask (BERT) or next-token (decoders) predictions for cloze prompts (JSONL
+    /// in, JSONL out).
     Predict(predict::PredictArgs),
     /// Suppress or amplify facts' knowledge neurons and measure the gold probability,
     /// beside control neurons.
@@ -54,10 +56,10 @@ enum Command {
 /// Which model to load, and where to run it.
 #[derive(Debug, Args)]
 struct ModelArgs {
-    /// Model: a local directory in Hugging Face layout, or a hub id (`bert-base-cased`,
-    /// `org/name`) fetched into the Hugging Face cache (HF_HOME, HF_ENDPOINT, HF_TOKEN,
-    /// HF_HUB_OFFLINE are honoured).
-    #[arg(long, value_name = "DIR|HUB_ID")]
+    /// Model: a local directory in Hugging Face layout, a GGUF file, or a hub id
+    /// (`bert-base-cased`, `org/name`) fetched into the Hugging Face cache (HF_HOME,
+    /// HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE are honoured).
+    #[arg(long, value_name = "DIR|FILE.gguf|HUB_ID")]
     model: String,
     /// Hub revision (branch, tag or commit) for a hub id.
     #[arg(long)]
