@@ -20,8 +20,8 @@ use crate::model::BertMaskedLm;
 
 use super::engine::{LayerGradients, PromptPass};
 use super::kernels::{
-    activate, add_in_place, matmul, repeat_rows, Dense, Norm, NormCache, Real, ELEMENTS_PER_TASK,
-    ROWS_PER_TASK,
+    activate, add_in_place, gold_probability_gradient, matmul, repeat_rows, softmax_rows, Dense,
+    Norm, NormCache, Real, ELEMENTS_PER_TASK, ROWS_PER_TASK,
 };
 
 /// Which rows of a layer to compute: all of them, or only one position (the top
@@ -357,16 +357,7 @@ impl<F: Real> BertEngine<F> {
         let rows = layers.len() * batch;
         let (mut d_logits, head_cache) = self.head_probabilities(&top, rows);
         let v = self.vocab;
-        let gold_p: Vec<F> = (0..rows).map(|r| d_logits[r * v + gold]).collect();
-        d_logits
-            .par_chunks_mut(v)
-            .zip(gold_p.par_iter())
-            .for_each(|(row, &p)| {
-                for z in row.iter_mut() {
-                    *z = -p * *z;
-                }
-                row[gold] += p;
-            });
+        let gold_p = gold_probability_gradient(&mut d_logits, v, gold);
         let mut d = self.head_backward(&d_logits, &head_cache, rows);
         drop(d_logits);
 
@@ -432,17 +423,7 @@ impl<F: Real> BertEngine<F> {
             &mut logits,
             true,
         );
-        logits.par_chunks_mut(v).for_each(|row| {
-            let max = row.iter().copied().fold(F::neg_infinity(), F::max);
-            for z in row.iter_mut() {
-                *z = *z - max;
-            }
-            F::exp_in_place(row);
-            let sum = F::sum_slice(row);
-            for z in row.iter_mut() {
-                *z = *z / sum;
-            }
-        });
+        softmax_rows(&mut logits, v);
         (logits, HeadCache { slope, norm })
     }
 

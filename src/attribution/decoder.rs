@@ -25,7 +25,8 @@ use crate::model::llama::{rotary_tables, Llama};
 
 use super::engine::{LayerGradients, PromptPass};
 use super::kernels::{
-    activate, add_in_place, matmul, mul_in_place, Dense, Norm, NormCache, Real, RmsNorm,
+    activate, add_in_place, gold_probability_gradient, matmul, mul_in_place, softmax_rows, Dense,
+    Norm, NormCache, Real, RmsNorm,
 };
 
 /// A pre-norm: LayerNorm (GPT-2) or RMSNorm (Llama).
@@ -463,17 +464,7 @@ impl<F: Real> DecoderEngine<F> {
             &mut logits,
             false,
         );
-        logits.par_chunks_mut(v).for_each(|row| {
-            let max = row.iter().copied().fold(F::neg_infinity(), F::max);
-            for z in row.iter_mut() {
-                *z = *z - max;
-            }
-            F::exp_in_place(row);
-            let sum = F::sum_slice(row);
-            for z in row.iter_mut() {
-                *z = *z / sum;
-            }
-        });
+        softmax_rows(&mut logits, v);
         (logits, norm)
     }
 }
@@ -754,16 +745,7 @@ impl<F: Real> PromptPass<F> for DecoderPass<'_, F> {
         // Head and the gold probability's gradient, dP_gold/dz_j = P_gold (δ_gold,j − p_j).
         let rows = layers.len() * batch;
         let (mut d_logits, norm) = e.head_probabilities(&x, rows);
-        let gold_p: Vec<F> = (0..rows).map(|r| d_logits[r * v + gold]).collect();
-        d_logits
-            .par_chunks_mut(v)
-            .zip(gold_p.par_iter())
-            .for_each(|(row, &p)| {
-                for z in row.iter_mut() {
-                    *z = -p * *z;
-                }
-                row[gold] += p;
-            });
+        let gold_p = gold_probability_gradient(&mut d_logits, v, gold);
         let mut d_normed = vec![F::zero(); rows * h];
         matmul(rows, h, v, &d_logits, e.head(), false, &mut d_normed, false);
         drop(d_logits);

@@ -639,6 +639,38 @@ pub(crate) fn mul_in_place<F: Real>(y: &mut [F], x: &[F]) {
         });
 }
 
+/// Each row of `logits [R, V]` replaced by its softmax, in parallel.
+pub(crate) fn softmax_rows<F: Real>(logits: &mut [F], v: usize) {
+    logits.par_chunks_mut(v).for_each(|row| {
+        let max = row.iter().copied().fold(F::neg_infinity(), F::max);
+        for z in row.iter_mut() {
+            *z = *z - max;
+        }
+        F::exp_in_place(row);
+        let sum = F::sum_slice(row);
+        for z in row.iter_mut() {
+            *z = *z / sum;
+        }
+    });
+}
+
+/// Turns probabilities `[R, V]` into the gradient of the gold token's probability with
+/// respect to the logits, `dP_gold/dz_j = P_gold (δ_gold,j − p_j)`, in place; returns
+/// `P_gold` per row.
+pub(crate) fn gold_probability_gradient<F: Real>(probs: &mut [F], v: usize, gold: usize) -> Vec<F> {
+    let gold_p: Vec<F> = probs.chunks(v).map(|row| row[gold]).collect();
+    probs
+        .par_chunks_mut(v)
+        .zip(gold_p.par_iter())
+        .for_each(|(row, &p)| {
+            for z in row.iter_mut() {
+                *z = -p * *z;
+            }
+            row[gold] += p;
+        });
+    gold_p
+}
+
 /// Elements per rayon task in elementwise work.
 pub(crate) const ELEMENTS_PER_TASK: usize = 1 << 14;
 

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::bert::FfnHook;
 use super::config::{Activation, Config};
-use super::nn::{activate, causal_bias, softmax_last_dim, LayerNorm, Linear};
+use super::nn::{activate, causal_bias, output_head, softmax_last_dim, LayerNorm, Linear};
 use crate::error::Result;
 
 /// One GPT-2 block: pre-norm attention and pre-norm FFN, each with a residual.
@@ -73,15 +73,7 @@ impl Gpt2 {
         let blocks = (0..cfg.num_hidden_layers)
             .map(|i| Gpt2Block::load(vb.pp("h").pp(i), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let lm_head = if vb.contains_tensor("lm_head.weight") {
-            vb.get((v, h), "lm_head.weight")?
-        } else if cfg.tie_word_embeddings {
-            wte.clone()
-        } else {
-            candle_core::bail!(
-                "lm_head.weight is missing and tie_word_embeddings is false in config.json"
-            )
-        };
+        let lm_head = output_head(&vb, &wte, cfg.tie_word_embeddings)?;
         Ok(Self {
             config: cfg.clone(),
             wpe: vb.get((cfg.max_position_embeddings, h), "wpe.weight")?,

@@ -12,7 +12,7 @@ use candle_nn::VarBuilder;
 
 use super::bert::FfnHook;
 use super::config::{Activation, Config};
-use super::nn::{activate, causal_bias, softmax_last_dim, Linear, RmsNorm};
+use super::nn::{activate, causal_bias, output_head, softmax_last_dim, Linear, RmsNorm};
 use crate::error::Result;
 
 /// `cos` and `sin` of the rotary angles `[seq, head_dim]` for positions `0..seq`, in the
@@ -183,16 +183,7 @@ impl Llama {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| LlamaLayer::load(vb.pp("layers").pp(i), cfg))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        // A tied checkpoint may still carry lm_head.weight (a copy): use it either way.
-        let lm_head = if vb.contains_tensor("lm_head.weight") {
-            vb.get((v, h), "lm_head.weight")?
-        } else if cfg.tie_word_embeddings {
-            embed_tokens.clone()
-        } else {
-            candle_core::bail!(
-                "lm_head.weight is missing and tie_word_embeddings is false in config.json"
-            )
-        };
+        let lm_head = output_head(&vb, &embed_tokens, cfg.tie_word_embeddings)?;
         Ok(Self {
             config: cfg.clone(),
             norm: RmsNorm::load(vb.pp("norm"), h, cfg.layer_norm_eps)?,

@@ -203,3 +203,22 @@ pub fn causal_bias(
     }
     Tensor::from_vec(bias, (batch, 1, seq, seq), device)?.to_dtype(dtype)
 }
+
+/// A causal LM's output head `[vocab, hidden]`: `lm_head.weight` when the checkpoint
+/// has it (a tied checkpoint may carry a copy), else the input embeddings when
+/// `tie_word_embeddings` says so.
+pub fn output_head(
+    vb: &VarBuilder,
+    embeddings: &Tensor,
+    tied: bool,
+) -> candle_core::Result<Tensor> {
+    if vb.contains_tensor("lm_head.weight") {
+        vb.get(embeddings.dims2()?, "lm_head.weight")
+    } else if tied {
+        Ok(embeddings.clone())
+    } else {
+        candle_core::bail!(
+            "lm_head.weight is missing and tie_word_embeddings is false in config.json"
+        )
+    }
+}
