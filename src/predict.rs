@@ -224,6 +224,8 @@ pub struct PredictOptions {
     pub top_k: usize,
     /// Stop at the first bad line instead of reporting it and going on.
     pub fail_fast: bool,
+    /// Prompts per padded batch (1: one at a time).
+    pub batch: usize,
 }
 
 /// Counts of a run over an input.
@@ -237,7 +239,20 @@ pub struct RunSummary {
     pub prompts: usize,
 }
 
-/// Predicts every prompt of `input`, writing [`Prediction`]s to `out`. A bad line is
+/// A prompt waiting for its batch, with what its output line needs.
+struct Pending {
+    line: usize,
+    id: Option<serde_json::Value>,
+    prompt_index: usize,
+    prompt: String,
+    encoded: EncodedPrompt,
+    answer: Option<String>,
+    answer_id: Option<u32>,
+}
+
+/// Predicts every prompt of `input`, writing [`Prediction`]s to `out` in input order.
+/// Prompts run in padded batches of up to `options.batch` (across input lines): the
+/// numbers are those of one prompt at a time, to rounding. A bad line or prompt is
 /// passed to `report` and skipped (unless `fail_fast`); I/O errors on `out` end the run.
 pub fn run_predict<W: Write>(
     lm: &LoadedModel,
@@ -249,6 +264,8 @@ pub fn run_predict<W: Write>(
     let mut summary = RunSummary::default();
     let mut errors = LineErrors::new(options.fail_fast, report);
     let mut lines = input;
+    let mut pending: Vec<Pending> = Vec::new();
+    let max = lm.config.max_position_embeddings;
     while let Some((line, record)) = lines.next_record::<PromptLine>(&mut errors)? {
         let answer = record.answer.clone();
         let id = record.id.clone();
@@ -271,39 +288,80 @@ pub fn run_predict<W: Write>(
             }
         };
         for (prompt_index, prompt) in prompts.into_iter().enumerate() {
-            let dist = match mask_distribution(lm, &prompt, &()) {
-                Ok(d) => d,
+            // Checked one by one, so that a bad prompt never fails its batch.
+            let encoded = match lm.tokenizer.encode_prompt(&prompt) {
+                Ok(e) if e.ids.len() > max => Err(Error::Prompt(format!(
+                    "prompt is {} tokens long; the model takes at most {max}",
+                    e.ids.len()
+                ))),
+                other => other,
+            };
+            let encoded = match encoded {
+                Ok(e) => e,
                 Err(e @ (Error::Prompt(_) | Error::Tokenizer(_))) => {
                     errors.fail(lines.error(line, e))?;
                     continue;
                 }
                 Err(e) => return Err(e),
             };
-            let predictions = dist
-                .top_k(options.top_k)
-                .into_iter()
-                .map(|(id, p)| TokenProbability {
-                    token: lm.tokenizer.token(id),
-                    id,
-                    probability: f64::from(p),
-                })
-                .collect();
-            out.write(&Prediction {
+            pending.push(Pending {
                 line,
                 id: id.clone(),
                 prompt_index,
                 prompt,
-                mask_position: dist.mask_position,
-                predictions,
+                encoded,
                 answer: answer.clone(),
                 answer_id,
-                answer_probability: answer_id.map(|a| f64::from(dist.probabilities[a as usize])),
-                answer_rank: answer_id.map(|a| dist.rank(a)),
-            })?;
-            summary.written += 1;
-            summary.prompts += 1;
+            });
+            if pending.len() >= options.batch.max(1) {
+                write_batch(lm, &mut pending, out, options, &mut summary)?;
+            }
         }
     }
+    write_batch(lm, &mut pending, out, options, &mut summary)?;
     summary.failed = errors.failed;
     Ok(summary)
+}
+
+/// Runs the pending prompts as one padded batch and writes their predictions in order.
+fn write_batch<W: Write>(
+    lm: &LoadedModel,
+    pending: &mut Vec<Pending>,
+    out: &mut JsonlWriter<W>,
+    options: &PredictOptions,
+    summary: &mut RunSummary,
+) -> Result<()> {
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let encoded: Vec<EncodedPrompt> = pending.iter().map(|p| p.encoded.clone()).collect();
+    let distributions = mask_distributions(lm, &encoded, &())?;
+    for (p, dist) in pending.drain(..).zip(distributions) {
+        let predictions = dist
+            .top_k(options.top_k)
+            .into_iter()
+            .map(|(id, probability)| TokenProbability {
+                token: lm.tokenizer.token(id),
+                id,
+                probability: f64::from(probability),
+            })
+            .collect();
+        out.write(&Prediction {
+            line: p.line,
+            id: p.id,
+            prompt_index: p.prompt_index,
+            prompt: p.prompt,
+            mask_position: dist.mask_position,
+            predictions,
+            answer_probability: p
+                .answer_id
+                .map(|a| f64::from(dist.probabilities[a as usize])),
+            answer_rank: p.answer_id.map(|a| dist.rank(a)),
+            answer: p.answer,
+            answer_id: p.answer_id,
+        })?;
+        summary.written += 1;
+        summary.prompts += 1;
+    }
+    Ok(())
 }

@@ -353,3 +353,80 @@ fn causal_prompt_rules_and_bad_input_are_clear_errors() {
         .code(1)
         .stderr(predicates::str::contains("cut.gguf"));
 }
+
+/// `kn predict` in padded batches across lines (prompts of different lengths, a bad
+/// prompt among them) writes the same lines in the same order as one prompt at a time,
+/// with the same numbers to rounding, on a BERT and on decoders.
+#[test]
+fn batched_predict_equals_one_prompt_at_a_time() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bert = common::tiny_model(
+        &tmp.path().join("bert"),
+        kn::model::random::Layout::default(),
+    );
+    let cases = [
+        (
+            bert,
+            "the capital of france is [MASK] .\", \"[MASK] is the city of france .",
+            "paris",
+        ),
+        (
+            tiny_decoder("llama-tied"),
+            "Paris is the [MASK].\", \"Rome is [MASK]",
+            "capital",
+        ),
+        (
+            tiny_decoder("gpt2-untied"),
+            "Paris is the [MASK].\", \"Rome is [MASK]",
+            "capital",
+        ),
+    ];
+    for (model, prompts, answer) in cases {
+        let input = format!(
+            "{{\"id\": 1, \"prompts\": [\"{prompts}\"], \"answer\": \"{answer}\"}}\n\
+             {{\"prompt\": \"no mask here\"}}\n\
+             {{\"id\": 3, \"prompt\": \"{}\"}}\n\
+             {{\"id\": 4, \"prompts\": [\"{prompts}\"]}}\n",
+            prompts.split('"').next().unwrap()
+        );
+        let run = |batch: &str| {
+            let output = kn()
+                .args(["predict", "-q", "--top-k", "5", "--batch", batch, "--model"])
+                .arg(&model)
+                .write_stdin(input.clone())
+                .output()
+                .unwrap();
+            assert_eq!(output.status.code(), Some(1), "the bad line fails the run");
+            assert!(String::from_utf8_lossy(&output.stderr).contains("<stdin>:2:"));
+            json_lines(&output.stdout)
+        };
+        let (one, batched) = (run("1"), run("4"));
+        assert_eq!(one.len(), 5);
+        assert_eq!(one.len(), batched.len());
+        for (a, b) in one.iter().zip(&batched) {
+            for field in [
+                "line",
+                "id",
+                "prompt_index",
+                "prompt",
+                "mask_position",
+                "answer_rank",
+            ] {
+                assert_eq!(a[field], b[field], "{field}");
+            }
+            for (p, q) in a["predictions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(b["predictions"].as_array().unwrap())
+            {
+                assert_eq!(p["id"], q["id"]);
+                let (x, y) = (
+                    p["probability"].as_f64().unwrap(),
+                    q["probability"].as_f64().unwrap(),
+                );
+                assert!((x - y).abs() < 1e-6, "{x} vs {y}");
+            }
+        }
+    }
+}

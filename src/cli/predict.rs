@@ -22,6 +22,10 @@ pub(super) struct PredictArgs {
     /// Stop at the first bad input line.
     #[arg(long)]
     fail_fast: bool,
+    /// Prompts per padded batch, across input lines (1: one at a time; the numbers are
+    /// the same to rounding). Output waits until a batch is full or the input ends.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..))]
+    batch: u64,
 }
 
 pub(super) fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
@@ -31,6 +35,7 @@ pub(super) fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
     let options = PredictOptions {
         top_k: args.top_k as usize,
         fail_fast: args.fail_fast,
+        batch: args.batch as usize,
     };
     let stdout = std::io::stdout().lock();
     let mut out = JsonlWriter::new(stdout, "<stdout>");
