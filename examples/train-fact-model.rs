@@ -12,7 +12,7 @@
 //! log); and `--facts` (default `data/facts.jsonl`): every fact with all its prompts and
 //! the held-out ones in `held_out_prompts`.
 //!
-//! The facts come from ParaRel (`--pararel`, default `../shared/pararel` beside the
+//! The facts come from ParaRel (`--pararel`, default `data/pararel` in the
 //! repository). Everything random (initial weights, batch order) comes from `--seed`
 //! through kn's SplitMix64; the choice of facts is fixed (draw seed 0), so runs with
 //! other seeds train on the same facts. candle's CPU kernels are deterministic: two runs
@@ -85,7 +85,7 @@ struct Args {
     #[arg(long, default_value = "data/facts.jsonl")]
     facts: PathBuf,
     /// ParaRel (with patterns/ and facts/).
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/pararel"))]
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/pararel"))]
     pararel: PathBuf,
     /// Seed of the initial weights and of the batch order.
     #[arg(long, default_value_t = 0)]

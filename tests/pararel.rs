@@ -1,4 +1,4 @@
-//! `kn pararel` on the real ParaRel data (`../shared/pararel`): counts and prompts
+//! `kn pararel` on the real ParaRel data (`data/pararel`): counts and prompts
 //! checked against the files read independently here, determinism, facts dropped for a
 //! vocabulary, duplicates, and bad input reported with file and line.
 
@@ -11,10 +11,10 @@ use kn::data::pararel::{convert, ConvertOptions, ParaRelDirs, ParaRelFact, Relat
 use predicates::str::contains;
 
 fn pararel() -> PathBuf {
-    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/pararel"));
+    let root = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/data/pararel"));
     assert!(
         root.join("patterns").is_dir(),
-        "{} is missing: the ParaRel copy lives beside the repository",
+        "{} is missing: ParaRel lives in the repository",
         root.display()
     );
     root

@@ -13,11 +13,13 @@ use crate::model::{MaskTokenizer, ModelSource, TokenizerFiles};
 
 #[derive(Debug, Args)]
 pub(super) struct PararelArgs {
-    /// ParaRel's patterns directory: one P<id>.jsonl per relation, lines {"pattern": "[X] … [Y] …"}.
-    #[arg(long, value_name = "DIR")]
+    /// ParaRel's patterns directory: one P<id>.jsonl per relation, lines {"pattern": "[X] … [Y] …"}
+    /// [default: the repository's data/pararel/patterns, where kn was built].
+    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/pararel/patterns"), hide_default_value = true)]
     patterns: PathBuf,
-    /// ParaRel's facts directory: one P<id>.jsonl per relation, lines {"sub_label", "obj_label", "uuid"}.
-    #[arg(long, value_name = "DIR")]
+    /// ParaRel's facts directory: one P<id>.jsonl per relation, lines {"sub_label", "obj_label", "uuid"}
+    /// [default: the repository's data/pararel/facts, where kn was built].
+    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/pararel/facts"), hide_default_value = true)]
     facts: PathBuf,
     /// Only these relations, comma-separated [default: every relation with both files].
     #[arg(long, value_delimiter = ',', value_name = "P36,P19")]
