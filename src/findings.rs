@@ -242,6 +242,7 @@ fn updates(
         rule: UpdateRule::PAPER,
         max_relation_share: 0.1,
         min_correct: 0.5,
+        random_control: None,
     };
     let mut sums = [Sums::default(), Sums::default()];
     let mut done = 0;

@@ -15,7 +15,8 @@
 //!  "prompts":[{"prompt":"The capital of France is [MASK].","before":0.43,"after":0.12,"control_after":0.41}],
 //!  "before":0.43,"after":0.12,"control_after":0.41,
 //!  "model":{"source":"data/fact-model","weights_sha256":"…"},
-//!  "params":{"mode":"suppress","factor":0.0,"control":"random","seed":0,"neurons_sha256":"…"},
+//!  "params":{"mode":"suppress","factor":0.0,"control":"random","seed":0,"neurons_sha256":"…",
+//!            "method":"integrated-gradients"},
 //!  "kn_version":"0.1.0"}
 //! ```
 //!
@@ -29,7 +30,7 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
-use crate::attribution::record::{FactLine, ModelInfo};
+use crate::attribution::record::{FactLine, Method, ModelInfo};
 use crate::data::neurons::{refined_neurons, KnownFact};
 use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, NeuronsFile};
 use crate::error::{Error, Result};
@@ -38,23 +39,43 @@ use crate::predict::{encode_prompts, mask_distributions, RunSummary};
 use crate::rng::SplitMix64;
 
 /// What is done to the neurons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProbeMode {
-    /// Set to 0.
+    /// Set to 0 (the paper's Figure 4).
     Suppress,
-    /// Multiply by the factor.
+    /// Multiply by the factor (×2 in the paper's Figure 5).
     Amplify,
 }
 
+impl ProbeMode {
+    /// `suppress` or `amplify`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Suppress => "suppress",
+            Self::Amplify => "amplify",
+        }
+    }
+}
+
 /// Which neurons the control experiment uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ControlKind {
     /// As many random neurons in the same layers, none of them the fact's.
     Random,
     /// The refined neurons of a random fact of another relation (the paper's control).
     OtherRelation,
+}
+
+impl ControlKind {
+    /// `random` or `other-relation`, as written in records.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::OtherRelation => "other-relation",
+        }
+    }
 }
 
 /// Everything that decides what `kn probe` computes.
@@ -96,6 +117,11 @@ pub struct ProbeParams {
     pub seed: u64,
     /// sha256 of the neurons file.
     pub neurons_sha256: String,
+    /// How the neurons file's neurons were found (its records' method): integrated
+    /// gradients (knowledge neurons) or the activation baseline. Absent in records of
+    /// earlier versions, which probed knowledge neurons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<Method>,
 }
 
 /// The control neurons of a fact.
@@ -205,6 +231,7 @@ impl<'a> Prober<'a> {
             control: self.options.control,
             seed: self.options.seed,
             neurons_sha256: self.neurons.sha256.clone(),
+            method: self.neurons.records.first().map(|r| r.params.method),
         }
     }
 
@@ -577,6 +604,7 @@ mod tests {
             control: ControlKind::Random,
             seed: 0,
             neurons_sha256: String::new(),
+            method: None,
         };
         let record = |relation: &str, pairs: &[(f64, f64, f64)]| ProbeRecord {
             id: serde_json::Value::from(1),

@@ -204,6 +204,7 @@ fn update_changes_exactly_the_chosen_columns_by_the_formula() {
         max_relation_share: 0.5,
         // A random model answers nothing: edit anyway.
         min_correct: 0.0,
+        random_control: None,
     };
     let plan = plan_update(&lm, &neurons, &requests, &options, DType::F32).unwrap();
     assert_eq!(plan.facts.len(), 1);
@@ -281,6 +282,7 @@ fn updates_skip_facts_the_model_does_not_answer() {
         rule: UpdateRule::PAPER,
         max_relation_share: 0.5,
         min_correct: 1.0,
+        random_control: None,
     };
     let encoded = encode_prompts(&lm, &PROMPTS.map(String::from)).unwrap();
     let paris = lm.tokenizer.answer_id("paris").unwrap();
@@ -818,4 +820,160 @@ fn cli_probe_writes_records_and_summary() {
     let other = lines[0]["control"]["fact"].as_str().unwrap();
     assert!(other == "a" || other == "b");
     assert_eq!(lines[1]["prompts"].as_array().unwrap().len(), 1);
+}
+
+/// Runs `kn edit --dry-run` with `extra` arguments and returns its report.
+fn dry_run_report(
+    model: &Path,
+    neurons: &Path,
+    update: &Path,
+    eval: &Path,
+    extra: &[&str],
+) -> kn::edit::record::EditReport {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let output = kn()
+        .args(["edit", "--dry-run", "--model"])
+        .arg(model)
+        .arg("--neurons")
+        .arg(neurons)
+        .arg("--update")
+        .arg(update)
+        .args([
+            "--min-correct",
+            "0",
+            "--max-relation-share",
+            "0.5",
+            "--eval",
+        ])
+        .arg(eval)
+        .arg("--report")
+        .arg(&report)
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap()
+}
+
+#[test]
+fn each_pools_the_single_edits_and_the_random_control_moves_other_neurons() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (model, neurons, _) = cli_setup(tmp.path());
+    let eval = tmp.path().join("eval.jsonl");
+    std::fs::write(
+        &eval,
+        "{\"id\":\"a\",\"relation\":\"P1\",\"answer\":\"paris\",\"prompts\":[\"the capital of france is [MASK] .\",\"france capital is [MASK] .\"]}\n\
+         {\"id\":\"b\",\"relation\":\"P1\",\"answer\":\"berlin\",\"prompt\":\"the capital of germany is [MASK] .\"}\n\
+         {\"id\":\"c\",\"relation\":\"P2\",\"answer\":\"rome\",\"prompts\":[\"the capital of italy is [MASK] .\",\"italy capital is [MASK] .\"]}\n",
+    )
+    .unwrap();
+    let write = |name: &str, text: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    };
+    let a = "{\"id\": \"a\", \"new_answer\": \"rome\"}\n";
+    let c = "{\"id\": \"c\", \"new_answer\": \"paris\"}\n";
+    let both = write("both.jsonl", &format!("{a}{c}"));
+    let each = dry_run_report(&model, &neurons, &both, &eval, &["--each"]);
+    let ra = dry_run_report(&model, &neurons, &write("a.jsonl", a), &eval, &[]);
+    let rc = dry_run_report(&model, &neurons, &write("c.jsonl", c), &eval, &[]);
+    assert!(each.each && !ra.each);
+    assert_eq!(each.relations, ["P1", "P2"]);
+    // The edited facts' metrics: the single edits' over their prompts (3 each).
+    let (e, ea, ec) = (
+        each.edited_facts.unwrap(),
+        ra.edited_facts.unwrap(),
+        rc.edited_facts.unwrap(),
+    );
+    assert_eq!((e.facts, e.prompts), (2, 6));
+    for (pooled, x, y) in [
+        (
+            e.after.change_rate,
+            ea.after.change_rate,
+            ec.after.change_rate,
+        ),
+        (e.after.mrr, ea.after.mrr, ec.after.mrr),
+        (e.before.mrr, ea.before.mrr, ec.before.mrr),
+    ] {
+        assert!((pooled - (x + y) / 2.0).abs() < 1e-12, "{pooled} {x} {y}");
+    }
+    // The evaluation sets: a's edit sees b (1 prompt) in its relation and c (2) in the
+    // other; c's edit sees no P2 fact but itself, and a, b (3 prompts) in the others.
+    let (same, sa) = (each.same_relation.unwrap(), ra.same_relation.unwrap());
+    assert!(rc.same_relation.is_none());
+    assert_eq!((same.facts, same.prompts), (sa.facts, sa.prompts));
+    assert!((same.after.perplexity - sa.after.perplexity).abs() < 1e-9);
+    let (other, oa, oc) = (
+        each.other_relation.unwrap(),
+        ra.other_relation.unwrap(),
+        rc.other_relation.unwrap(),
+    );
+    assert_eq!((other.facts, other.prompts), (3, 5));
+    let pooled = ((2.0 * oa.after.perplexity.ln() + 3.0 * oc.after.perplexity.ln()) / 5.0).exp();
+    assert!((other.after.perplexity - pooled).abs() < 1e-9 * pooled);
+    let accuracy = (2.0 * oa.before.accuracy + 3.0 * oc.before.accuracy) / 5.0;
+    assert!((other.before.accuracy - accuracy).abs() < 1e-12);
+    // --each needs --dry-run.
+    kn().args(["edit", "--each", "--model"])
+        .arg(&model)
+        .arg("--neurons")
+        .arg(&neurons)
+        .arg("--update")
+        .arg(&both)
+        .arg("--out")
+        .arg(tmp.path().join("never"))
+        .assert()
+        .failure();
+
+    // The random control edits as many neurons, in the same layers, none of the fact's.
+    let random = dry_run_report(
+        &model,
+        &neurons,
+        &both,
+        &eval,
+        &["--each", "--control", "random"],
+    );
+    assert_eq!(random.control, Some(kn::probe::ControlKind::Random));
+    let lm = load(&model);
+    let file = neurons_file();
+    let fact = kn::data::neurons::KnownFact::from_record(file.get(&json!("a")).expect("fact a"));
+    let options = UpdateOptions {
+        rule: UpdateRule::PAPER,
+        max_relation_share: 0.5,
+        min_correct: 0.0,
+        random_control: Some(0),
+    };
+    let request = UpdateRequest {
+        fact,
+        new_answer: "rome".into(),
+    };
+    let plan = plan_update(
+        &lm,
+        &file,
+        std::slice::from_ref(&request),
+        &options,
+        DType::F32,
+    )
+    .unwrap();
+    let own = [
+        Neuron { layer: 0, index: 3 },
+        Neuron {
+            layer: 1,
+            index: 20,
+        },
+    ];
+    let drawn = &plan.facts[0].neurons;
+    assert_eq!(drawn.len(), 2);
+    assert!(drawn.iter().all(|n| !own.contains(n)), "{drawn:?}");
+    let mut layers: Vec<usize> = drawn.iter().map(|n| n.layer).collect();
+    layers.sort();
+    assert_eq!(layers, [0, 1]);
+    assert_eq!(plan.slots.len(), 2);
+    assert!(plan.slots.iter().all(|s| drawn.contains(&s.neuron)));
 }

@@ -498,7 +498,7 @@ fn mixing_models_or_parameters_is_refused_with_what_differs() {
         "edited.amplify.jsonl:1: made with other parameters than",
     ))
     .stderr(contains(
-        "seed 7 here, 0 there; suppress and amplify runs may differ in mode and factor only",
+        "seed 7 here, 0 there; probe runs may differ in mode, factor, control and neurons only",
     ));
     // An edit report of another model.
     let mut edit: Value =
@@ -626,4 +626,117 @@ fn the_layer_count_comes_from_the_option_completeness_or_the_highest_layer() {
         (r["layers"].as_u64(), r["layers_from"].as_str()),
         (Some(5), Some("max-layer"))
     );
+}
+
+#[test]
+fn probe_runs_of_other_controls_and_of_the_baseline_are_reported_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    // The same prompts probed beside another relation's neurons, and the activation
+    // baseline's neurons (here the same records, marked as that method).
+    let other = edited(root, "suppress.jsonl", |_, v| {
+        v["params"]["control"] = "other-relation".into();
+        v["control"]["kind"] = "other-relation".into();
+        // The other relation's neurons halve every gold probability.
+        for p in v["prompts"].as_array_mut().unwrap() {
+            let before = p["before"].as_f64().unwrap();
+            p["control_after"] = (before / 2.0).into();
+        }
+    });
+    let other_path = root.join("other.jsonl");
+    std::fs::rename(&other, &other_path).unwrap();
+    let activation = edited(root, "suppress.jsonl", |_, v| {
+        v["params"]["method"] = "activation".into();
+        v["params"]["neurons_sha256"] = "cd34".into();
+    });
+    let baseline = edited(root, "neurons.jsonl", |_, v| {
+        v["params"]["method"] = "activation".into();
+        v["params"]["threshold"] = 0.5.into();
+        v["params"].as_object_mut().unwrap().remove("steps");
+        v["params"].as_object_mut().unwrap().remove("rule");
+        // The baseline keeps one neuron per fact: the first refined one.
+        let refined = v["refined"].as_array_mut().unwrap();
+        refined.truncate(1);
+    });
+    let out = root.join("r");
+    let args: Vec<PathBuf> = vec![
+        "--neurons".into(),
+        data("neurons.jsonl"),
+        "--baseline".into(),
+        baseline,
+        "--probe".into(),
+        activation,
+        data("amplify.jsonl"),
+        other_path,
+        data("suppress.jsonl"),
+    ];
+    let output = report(&args, &out).success();
+    let stdout = String::from_utf8(output.get_output().stdout.clone()).unwrap();
+    let r = json(&out);
+    let probes = r["probes"].as_array().unwrap();
+    let names: Vec<&str> = probes.iter().map(|p| p["name"].as_str().unwrap()).collect();
+    // Knowledge neurons first (suppress, its controls, amplify), then the baseline's.
+    assert_eq!(
+        names,
+        [
+            "suppress",
+            "suppress-other-relation",
+            "amplify",
+            "suppress-activation"
+        ]
+    );
+    assert_eq!(probes[1]["control"], "other-relation");
+    assert_eq!(probes[3]["method"], "activation");
+    // The knowledge neurons' change is the same in every suppress run (the same
+    // records); the other-relation control halves every probability: −50%.
+    for i in [0, 1, 3] {
+        close(&probes[i]["overall"]["change"], (1.0 / 6.0 - 0.4) / 0.4);
+    }
+    close(&probes[1]["overall"]["control_change"], -0.5);
+    close(
+        &probes[0]["overall"]["control_change"],
+        (2.3 / 6.0 - 0.4) / 0.4,
+    );
+    for name in names {
+        assert!(out.join(format!("{name}.png")).is_file(), "{name}.png");
+    }
+    // The baseline: one neuron for each of the five facts with any (f1 3:7, f2 2:3,
+    // f3 4:10, f4 1:5, f5 1:5): within P1 no pair shares, within P2 (f4, f5) one: 1 / 4;
+    // no pair across relations shares.
+    let b = &r["baseline"];
+    close(&b["neurons_per_fact"]["overall"]["mean"], 5.0 / 6.0);
+    close(&b["shared_neurons"]["same_relation"]["mean"], 0.25);
+    close(&b["shared_neurons"]["different_relation"]["mean"], 0.0);
+    assert_eq!(b["params"]["method"], "activation");
+    assert!(
+        stdout.contains(
+            "activation baseline: refined neurons per fact: mean 0.83, median 1; shared neurons \
+             per fact pair: 0.25 within a relation, 0.00 across relations"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("with the activation baseline's neurons, −4.2% with the control"),
+        "{stdout}"
+    );
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    for needle in [
+        "## Suppressing knowledge neurons, beside another relation's neurons (the paper's Figure 4)",
+        "## Suppressing activation baseline's neurons (the paper's Figure 4)",
+        "| refined neurons per fact, mean | 1.83 | 0.83 |",
+        "| shared neurons per pair, same relation | 1.25 | 0.25 |",
+    ] {
+        assert!(md.contains(needle), "report.md lacks {needle:?}:\n{md}");
+    }
+    // Two shards of one run still may not differ, and a run's ids are unique.
+    let twice: Vec<PathBuf> = vec![
+        "--neurons".into(),
+        data("neurons.jsonl"),
+        "--probe".into(),
+        data("suppress.jsonl"),
+        data("suppress.jsonl"),
+    ];
+    report(&twice, &root.join("never"))
+        .failure()
+        .stderr(contains("suppress id \"f1\" is also at"));
 }

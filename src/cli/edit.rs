@@ -9,7 +9,9 @@ use clap::Args;
 use super::{load_model, report, Outcome};
 use crate::attribution::model_info;
 use crate::data::{JsonlInput, LineErrors, NeuronsFile};
-use crate::edit::eval::{build_report, read_eval_facts, EditedFact, ReportInputs};
+use crate::edit::eval::{
+    build_report, read_eval_facts, update_each, EditedFact, EvalFact, ReportInputs,
+};
 use crate::edit::record::{
     EditReport, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
 };
@@ -28,6 +30,12 @@ enum RuleArg {
     Scaled,
     /// EleutherAI's library: v − f·E_old + f·E_new (f = 2).
     Fixed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum EditControlArg {
+    /// As many random neurons in the same layers as the fact's own, none of them.
+    Random,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -90,6 +98,17 @@ pub(super) struct EditArgs {
     /// Edit a fact only if the model's top-1 is its answer on at least this share of its prompts.
     #[arg(long, default_value_t = 0.5)]
     min_correct: f64,
+    /// Update each fact alone, from the unedited model (the paper's protocol), and pool
+    /// the metrics over the edits; needs --dry-run.
+    #[arg(long, requires = "update", requires = "dry_run")]
+    each: bool,
+    /// The control of an update: edit as many random neurons, in the same layers, as
+    /// each fact's own (drawn from --seed and the fact's id, as `kn probe` draws them).
+    #[arg(long, value_enum, requires = "update")]
+    control: Option<EditControlArg>,
+    /// Seed of the --control draw.
+    #[arg(long, default_value_t = 0, requires = "control")]
+    seed: u64,
     /// Erase this many of each relation's most frequent refined neurons.
     #[arg(long, default_value_t = 20)]
     top: usize,
@@ -187,6 +206,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 rule,
                 max_relation_share: args.max_relation_share,
                 min_correct: args.min_correct,
+                random_control: args.control.map(|EditControlArg::Random| args.seed),
             };
             if errors.failed > 0 {
                 bail!(
@@ -194,6 +214,49 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                     errors.failed,
                     path.display()
                 );
+            }
+            if args.each {
+                let eval = read_eval(&lm, args.eval.as_deref())?;
+                let outcome = update_each(
+                    &lm,
+                    &neurons,
+                    &requests,
+                    &options,
+                    storage,
+                    eval.as_deref(),
+                    model,
+                )?;
+                if let Some(path) = &args.report {
+                    let text = serde_json::to_string_pretty(&outcome.report)? + "\n";
+                    std::fs::write(path, text)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                }
+                if !args.quiet {
+                    let plan = EditPlan {
+                        slots: Vec::new(),
+                        facts: outcome.facts,
+                        relations: Vec::new(),
+                        skipped: outcome.skipped,
+                    };
+                    let mut stderr = std::io::stderr().lock();
+                    writeln!(
+                        stderr,
+                        "kn: update (rule {}{}), one fact at a time: {} fact(s) edited, {} \
+                         skipped, {} value slot change(s) in all",
+                        rule.name(),
+                        if options.random_control.is_some() {
+                            ", random neurons"
+                        } else {
+                            ""
+                        },
+                        plan.facts.len(),
+                        plan.skipped.len(),
+                        outcome.slot_changes
+                    )?;
+                    write_details(&mut stderr, &plan, &outcome.report)?;
+                    writeln!(stderr, "kn: dry run: nothing written")?;
+                }
+                return Ok(Outcome::Clean);
             }
             let plan = plan_update(&lm, &neurons, &requests, &options, storage)?;
             let edited = edited_facts(&lm, &plan, &requests)?;
@@ -211,33 +274,20 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
             (plan, None, Some(options.value), Vec::new())
         }
     };
-    let eval = match &args.eval {
-        Some(path) => {
-            let mut report_line = report;
-            let mut errors = LineErrors::new(false, &mut report_line);
-            let facts = read_eval_facts(&lm, path, &mut errors)?;
-            if errors.failed > 0 {
-                bail!(
-                    "{} line(s) of {} are not usable (see above); nothing was written",
-                    errors.failed,
-                    path.display()
-                );
-            }
-            inputs.push(InputRecord {
-                role: "eval".into(),
-                path: path.display().to_string(),
-                sha256: crate::model::load::sha256_file(path)?,
-            });
-            Some(facts)
-        }
-        None => None,
-    };
+    let eval = read_eval(&lm, args.eval.as_deref())?;
+    if let Some(path) = &args.eval {
+        inputs.push(InputRecord {
+            role: "eval".into(),
+            path: path.display().to_string(),
+            sha256: crate::model::load::sha256_file(path)?,
+        });
+    }
 
     let after = LoadedModel {
         model: apply_slots(&lm.model, &plan.slots)?,
         ..lm.clone()
     };
-    let report_record = build_report(ReportInputs {
+    let mut report_record = build_report(ReportInputs {
         before: &lm,
         after: &after,
         plan: &plan,
@@ -247,6 +297,9 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
         eval: eval.as_deref(),
         model: model.clone(),
     })?;
+    if args.control.is_some() {
+        report_record.control = Some(crate::probe::ControlKind::Random);
+    }
     if let Some(out) = args.out.as_deref().filter(|_| !args.dry_run) {
         let edits = EditsFile {
             kn_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -291,6 +344,24 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
         )?;
     }
     Ok(Outcome::Clean)
+}
+
+/// The --eval facts, every line checked (a bad line is reported and the run refused).
+fn read_eval(lm: &LoadedModel, path: Option<&Path>) -> anyhow::Result<Option<Vec<EvalFact>>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let mut report_line = report;
+    let mut errors = LineErrors::new(false, &mut report_line);
+    let facts = read_eval_facts(lm, path, &mut errors)?;
+    if errors.failed > 0 {
+        bail!(
+            "{} line(s) of {} are not usable (see above); nothing was written",
+            errors.failed,
+            path.display()
+        );
+    }
+    Ok(Some(facts))
 }
 
 /// The bytes of a file, or of stdin for `-`.
@@ -389,6 +460,19 @@ fn write_summary(
             }
         )?,
     }
+    write_details(out, plan, report)?;
+    match dir {
+        Some(dir) if !dry_run => writeln!(out, "kn: wrote {}", dir.display()),
+        _ => writeln!(out, "kn: dry run: nothing written"),
+    }
+}
+
+/// The skipped facts and the metrics tables.
+fn write_details(
+    out: &mut impl Write,
+    plan: &EditPlan,
+    report: &EditReport,
+) -> std::io::Result<()> {
     for skipped in &plan.skipped {
         writeln!(out, "kn:   skipped {}: {}", skipped.id, skipped.reason)?;
     }
@@ -443,8 +527,5 @@ fn write_summary(
             row(out, g.relation.as_deref().unwrap_or("(none)"), g)?;
         }
     }
-    match dir {
-        Some(dir) if !dry_run => writeln!(out, "kn: wrote {}", dir.display()),
-        _ => writeln!(out, "kn: dry run: nothing written"),
-    }
+    Ok(())
 }

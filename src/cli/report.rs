@@ -23,7 +23,12 @@ pub(super) struct ReportArgs {
     /// `-` reads stdin.
     #[arg(long, required = true, num_args = 1.., value_name = "FILE|-")]
     neurons: Vec<PathBuf>,
-    /// `kn probe` records (suppress and/or amplify runs).
+    /// The activation baseline's records (`kn attribute --method activation`): its
+    /// neuron statistics beside the knowledge neurons'.
+    #[arg(long, num_args = 1.., value_name = "FILE|-")]
+    baseline: Vec<PathBuf>,
+    /// `kn probe` records: suppress and amplify runs, random and other-relation
+    /// controls, of the knowledge neurons and of the baseline's.
     #[arg(long, num_args = 1.., value_name = "FILE|-")]
     probe: Vec<PathBuf>,
     /// `kn edit --report` files, one table row each.
@@ -69,6 +74,7 @@ fn prepare_out(dir: &Path, force: bool) -> anyhow::Result<()> {
 pub(super) fn run(args: ReportArgs) -> anyhow::Result<Outcome> {
     let inputs = Inputs {
         neurons: args.neurons,
+        baseline: args.baseline,
         probe: args.probe,
         edit_reports: args.edit_report,
     };

@@ -5,17 +5,23 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
 
+use candle_core::DType;
+
 use super::record::{
-    AnswerMetrics, EditReport, EditedMetrics, GoldMetrics, GroupMetrics, Operation,
+    AnswerMetrics, EditReport, EditedMetrics, FactEdit, GoldMetrics, GroupMetrics, Operation,
+    Skipped,
 };
-use super::{EditPlan, EraseValue, UpdateRule};
+use super::{
+    apply_slots, plan_update, EditPlan, EraseValue, UpdateOptions, UpdateRequest, UpdateRule,
+};
 use crate::attribution::record::{FactLine, ModelInfo};
 use crate::attribution::run::fact_id;
-use crate::data::{JsonlInput, LineErrors};
+use crate::data::{JsonlInput, LineErrors, NeuronsFile};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel};
 use crate::predict::encode_prompts;
 use crate::predict::{mask_distributions, MaskDistribution};
+use crate::probe::ControlKind;
 
 /// A fact to evaluate on, tokenized.
 #[derive(Debug, Clone)]
@@ -321,7 +327,191 @@ pub fn build_report(inputs: ReportInputs) -> Result<EditReport> {
         other_relation,
         per_relation,
         skipped: plan.skipped.clone(),
+        control: None,
+        each: false,
     })
+}
+
+/// Gold metrics of evaluation sets pooled over several edits, weighted by prompts:
+/// accuracy over all (edit, prompt) pairs, perplexity `exp` of their mean `−ln p_gold`.
+#[derive(Debug, Clone, Default)]
+struct GroupPool {
+    facts: usize,
+    prompts: usize,
+    correct: (f64, f64),
+    neg_log_p: (f64, f64),
+}
+
+impl GroupPool {
+    fn add(&mut self, g: &GroupMetrics) {
+        let n = g.prompts as f64;
+        self.facts += g.facts;
+        self.prompts += g.prompts;
+        self.correct.0 += g.before.accuracy * n;
+        self.correct.1 += g.after.accuracy * n;
+        self.neg_log_p.0 += g.before.perplexity.ln() * n;
+        self.neg_log_p.1 += g.after.perplexity.ln() * n;
+    }
+
+    fn finish(&self, relation: Option<String>) -> GroupMetrics {
+        let n = self.prompts.max(1) as f64;
+        GroupMetrics {
+            relation,
+            facts: self.facts,
+            prompts: self.prompts,
+            before: GoldMetrics {
+                accuracy: self.correct.0 / n,
+                perplexity: (self.neg_log_p.0 / n).exp(),
+            },
+            after: GoldMetrics {
+                accuracy: self.correct.1 / n,
+                perplexity: (self.neg_log_p.1 / n).exp(),
+            },
+        }
+    }
+}
+
+/// Answer metrics pooled over edits, weighted by prompts.
+#[derive(Debug, Clone, Copy, Default)]
+struct AnswerPool {
+    facts: usize,
+    prompts: usize,
+    sums: [[f64; 4]; 2],
+}
+
+impl AnswerPool {
+    fn add(&mut self, m: &EditedMetrics) {
+        let n = m.prompts as f64;
+        self.facts += m.facts;
+        self.prompts += m.prompts;
+        for (sums, a) in self.sums.iter_mut().zip([&m.before, &m.after]) {
+            for (s, v) in sums
+                .iter_mut()
+                .zip([a.success, a.success_at_5, a.change_rate, a.mrr])
+            {
+                *s += v * n;
+            }
+        }
+    }
+
+    fn finish(&self) -> EditedMetrics {
+        let n = self.prompts.max(1) as f64;
+        let metrics = |s: &[f64; 4]| AnswerMetrics {
+            success: s[0] / n,
+            success_at_5: s[1] / n,
+            change_rate: s[2] / n,
+            mrr: s[3] / n,
+        };
+        EditedMetrics {
+            facts: self.facts,
+            prompts: self.prompts,
+            before: metrics(&self.sums[0]),
+            after: metrics(&self.sums[1]),
+        }
+    }
+}
+
+/// An update measured one fact at a time ([`update_each`]).
+#[derive(Debug, Clone)]
+pub struct EachOutcome {
+    /// The pooled report (`each` set).
+    pub report: EditReport,
+    /// The facts edited, each with its own neurons, in order.
+    pub facts: Vec<FactEdit>,
+    /// The facts skipped, and why.
+    pub skipped: Vec<Skipped>,
+    /// Value slots changed, summed over the edits.
+    pub slot_changes: usize,
+}
+
+/// Updates each fact of `requests` alone, from the unedited model (the paper's
+/// protocol), and pools the metrics over the edits: success, success@5, change rate
+/// and MRR over the edited facts' prompts; with `eval`, the gold accuracy and
+/// perplexity of the evaluation facts of the edited fact's relation (itself left out)
+/// and of the others, over every (edit, evaluation prompt) pair.
+pub fn update_each(
+    lm: &LoadedModel,
+    neurons: &NeuronsFile,
+    requests: &[UpdateRequest],
+    options: &UpdateOptions,
+    storage: DType,
+    eval: Option<&[EvalFact]>,
+    model: ModelInfo,
+) -> Result<EachOutcome> {
+    let baseline = eval.map(|facts| gold_baseline(lm, facts)).transpose()?;
+    let mut answers = AnswerPool::default();
+    let (mut same, mut other) = (GroupPool::default(), GroupPool::default());
+    let mut per_relation: BTreeMap<Option<String>, GroupPool> = BTreeMap::new();
+    let mut outcome = EachOutcome {
+        report: EditReport {
+            operation: Operation::Update,
+            rule: Some(options.rule.name().to_string()),
+            value: None,
+            relations: Vec::new(),
+            model,
+            kn_version: env!("CARGO_PKG_VERSION").to_string(),
+            edited_facts: None,
+            same_relation: None,
+            other_relation: None,
+            per_relation: Vec::new(),
+            skipped: Vec::new(),
+            control: options.random_control.map(|_| ControlKind::Random),
+            each: true,
+        },
+        facts: Vec::new(),
+        skipped: Vec::new(),
+        slot_changes: 0,
+    };
+    let mut relations = BTreeSet::new();
+    for request in requests {
+        let plan = plan_update(lm, neurons, std::slice::from_ref(request), options, storage)?;
+        outcome.skipped.extend(plan.skipped);
+        let Some(edit) = plan.facts.into_iter().next() else {
+            continue;
+        };
+        outcome.slot_changes += plan.slots.len();
+        let after = LoadedModel {
+            model: apply_slots(&lm.model, &plan.slots)?,
+            ..lm.clone()
+        };
+        let edited = EditedFact {
+            prompts: encode_prompts(lm, &request.fact.prompts)?,
+            old_id: lm.tokenizer.answer_id(&edit.answer)?,
+            new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
+        };
+        answers.add(&evaluate_edited(lm, &after, std::slice::from_ref(&edited))?);
+        if let (Some(facts), Some(baseline)) = (eval, &baseline) {
+            let own: BTreeSet<String> = edit.relation.iter().cloned().collect();
+            let exclude = HashSet::from([edit.id.to_string()]);
+            let (s, o, per) = evaluate_gold_against(baseline, &after, facts, &own, &exclude)?;
+            if let Some(s) = &s {
+                same.add(s);
+            }
+            if let Some(o) = &o {
+                other.add(o);
+            }
+            for g in &per {
+                per_relation.entry(g.relation.clone()).or_default().add(g);
+            }
+        }
+        relations.extend(edit.relation.clone());
+        outcome.facts.push(edit);
+    }
+    let report = &mut outcome.report;
+    report.relations = relations.into_iter().collect();
+    report.skipped = outcome.skipped.clone();
+    if answers.facts > 0 {
+        report.edited_facts = Some(answers.finish());
+    }
+    if eval.is_some() {
+        report.same_relation = (same.facts > 0).then(|| same.finish(None));
+        report.other_relation = (other.facts > 0).then(|| other.finish(None));
+        report.per_relation = per_relation
+            .into_iter()
+            .map(|(relation, pool)| pool.finish(relation))
+            .collect();
+    }
+    Ok(outcome)
 }
 
 #[cfg(test)]

@@ -22,11 +22,13 @@ use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::neurons::{refined_neurons, KnownFact};
-use crate::data::NeuronsFile;
+use crate::data::{stable_id_hash, NeuronsFile};
 use crate::error::{Error, Result};
 use crate::model::{LanguageModel, LoadedModel, Neuron};
 use crate::predict::encode_prompts;
 use crate::predict::mask_distributions;
+use crate::probe::random_control;
+use crate::rng::SplitMix64;
 use record::{FactEdit, RelationErase, Skipped};
 
 /// How an update moves a value slot `v` from the old answer's embedding `E_t` to the
@@ -253,6 +255,11 @@ pub struct UpdateOptions {
     /// A fact is edited only if the model's top-1 is its answer on at least this share
     /// of its prompts.
     pub min_correct: f64,
+    /// The control of the paper's update table: with a seed, each fact's slots are not
+    /// its neurons' but those of as many random neurons in the same layers (none of its
+    /// own), drawn as `kn probe --control random` draws them (the seed and the fact's
+    /// id decide).
+    pub random_control: Option<u64>,
 }
 
 /// A fact to update: its known neurons and the answer it should have.
@@ -335,6 +342,13 @@ pub fn plan_update(
             }));
             continue;
         }
+        let chosen = match options.random_control {
+            Some(seed) => {
+                let mut rng = SplitMix64::new(seed ^ stable_id_hash(&fact.id));
+                random_control(&chosen, lm.config.intermediate_size, &mut rng)?
+            }
+            None => chosen,
+        };
         let encoded = encode_prompts(lm, &fact.prompts)?;
         let correct = mask_distributions(lm, &encoded, &())?
             .iter()

@@ -38,13 +38,16 @@
 //! top-1 is no longer the old answer, MRR = mean of 1 / its rank. `same_relation` and
 //! `other_relation` (with `--eval`) score the gold answers of the evaluation facts of
 //! the edited (erased) relations and of the others, edited facts left out: accuracy
-//! (top-1) and perplexity `exp(mean −ln p_gold)`.
+//! (top-1) and perplexity `exp(mean −ln p_gold)`. `"control":"random"` marks updates
+//! made through random neurons (the control), `"each":true` facts updated one at a time
+//! from the unedited model, with the metrics pooled over the edits.
 
 use serde::{Deserialize, Serialize};
 
 use super::{EraseValue, UpdateRule};
 use crate::attribution::record::ModelInfo;
 use crate::model::Neuron;
+use crate::probe::ControlKind;
 
 /// Update or erase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -265,4 +268,16 @@ pub struct EditReport {
     /// Facts not edited.
     #[serde(default)]
     pub skipped: Vec<Skipped>,
+    /// `random` when the updates went through as many random neurons, in the same
+    /// layers, as each fact's own (`--control random`: the control of the paper's update
+    /// table); absent for the facts' own neurons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control: Option<ControlKind>,
+    /// Each fact was updated alone, from the unedited model (`--each`, the paper's
+    /// protocol), and the metrics pooled over the edits: the edited facts' over their
+    /// prompts, the evaluation sets' over every (edit, evaluation prompt) pair, so
+    /// `facts` and `prompts` there count an evaluation fact once per edit. Absent when
+    /// all facts were edited together.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub each: bool,
 }

@@ -4,9 +4,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use super::input::{EditMetrics, EvalMetrics, EvalSet};
+use super::input::{ControlKind, EditReport};
+use super::plot::{control_name, neurons_name};
 use super::stats::{CountSummary, Effect, ProbeSummary};
 use super::{LayersFrom, Report};
+use crate::edit::record::{AnswerMetrics, GoldMetrics, GroupMetrics, Operation};
+use crate::edit::EraseValue;
 
 /// `—` for a missing number.
 const NONE: &str = "—";
@@ -72,25 +75,51 @@ fn top_layers(report: &Report) -> (usize, f64) {
 }
 
 fn probe_line(p: &ProbeSummary) -> String {
-    let factor = p.factor.map_or(String::new(), |f| format!(" (×{f})"));
+    let factor = format!(" (×{})", p.factor);
     let control = if p.overall.control_prompts > 0 {
         format!(
-            ", {} with the control ({} neurons)",
+            ", {} with the control ({})",
             signed(p.overall.control_change),
-            p.control.as_deref().unwrap_or("unnamed")
+            control_name(p.control)
         )
     } else {
         String::new()
     };
     format!(
-        "{}{factor}: gold probability {} with the knowledge neurons{control}; {} prompts of {} \
-         facts, {} skipped",
+        "{}{factor}: gold probability {} with the {}{control}; {} prompts of {} facts, {} \
+         skipped",
         p.mode.name(),
         signed(p.overall.change),
+        neurons_name(p.method),
         p.overall.prompts,
         p.facts,
         p.skipped
     )
+}
+
+/// `update` or `erase`.
+fn operation(r: &EditReport) -> &'static str {
+    match r.operation {
+        Operation::Update => "update",
+        Operation::Erase => "erase",
+    }
+}
+
+/// How an edit was made: `scaled`, `fixed, random neurons, one at a time`, `zero`.
+fn how(r: &EditReport) -> String {
+    let mut parts = vec![match (&r.rule, r.value) {
+        (Some(rule), _) => rule.clone(),
+        (None, Some(EraseValue::Zero)) => "zero".into(),
+        (None, Some(EraseValue::Unk)) => "unk".into(),
+        (None, None) => NONE.into(),
+    }];
+    if r.control == Some(ControlKind::Random) {
+        parts.push("random neurons".into());
+    }
+    if r.each {
+        parts.push("one at a time".into());
+    }
+    parts.join(", ")
 }
 
 /// The text `kn report` prints: one line per analysis.
@@ -156,23 +185,33 @@ pub fn summary(report: &Report) -> String {
     for p in &report.probes {
         let _ = writeln!(s, "{}", probe_line(p));
     }
+    if let Some(b) = &report.baseline {
+        let _ = writeln!(
+            s,
+            "activation baseline: refined neurons per fact: mean {}, median {}; shared neurons \
+             per fact pair: {} within a relation, {} across relations",
+            num(b.neurons_per_fact.overall.mean),
+            opt(b.neurons_per_fact.overall.median, |m| m.to_string()),
+            num(b.shared_neurons.same_relation.mean),
+            num(b.shared_neurons.different_relation.mean)
+        );
+    }
     for e in &report.edits {
         let r = &e.report;
-        let how = r.rule.as_deref().or(r.value.as_deref()).unwrap_or(NONE);
-        let relations = r.relations.as_deref().unwrap_or(&[]).join(", ");
+        let relations = r.relations.join(", ");
         let mut parts = Vec::new();
         if let Some(f) = &r.edited_facts {
             parts.push(format!(
                 "success {}, change rate {}",
-                arrow(f.before.success, f.after.success, pct),
-                arrow(f.before.change_rate, f.after.change_rate, pct)
+                arrow(Some(f.before.success), Some(f.after.success), pct),
+                arrow(Some(f.before.change_rate), Some(f.after.change_rate), pct)
             ));
         }
-        let ppl = |set: &Option<EvalSet>, name: &str| {
+        let ppl = |set: &Option<GroupMetrics>, name: &str| {
             set.as_ref().map(|set| {
                 format!(
                     "{name} {}",
-                    arrow(set.before.perplexity, set.after.perplexity, num)
+                    arrow(Some(set.before.perplexity), Some(set.after.perplexity), num)
                 )
             })
         };
@@ -188,9 +227,10 @@ pub fn summary(report: &Report) -> String {
         }
         let _ = writeln!(
             s,
-            "edit {}: {} ({how}) of {}: {}",
+            "edit {}: {} ({}) of {}: {}",
             file_name(&e.file),
-            r.operation,
+            operation(r),
+            how(r),
             if relations.is_empty() {
                 NONE
             } else {
@@ -239,25 +279,22 @@ fn effect_row(s: &mut String, name: &str, facts: usize, skipped: usize, e: &Effe
     );
 }
 
-fn eval_cells(m: &EvalMetrics, n: &EvalMetrics) -> String {
-    let delta = match (m.perplexity, n.perplexity) {
-        (Some(a), Some(b)) => format!(" ({:+.2})", b - a),
-        _ => String::new(),
-    };
+fn eval_cells(m: &GoldMetrics, n: &GoldMetrics) -> String {
     format!(
-        "{} | {}{delta}",
-        arrow(m.accuracy, n.accuracy, pct),
-        arrow(m.perplexity, n.perplexity, num)
+        "{} | {} ({:+.2})",
+        arrow(Some(m.accuracy), Some(n.accuracy), pct),
+        arrow(Some(m.perplexity), Some(n.perplexity), num),
+        n.perplexity - m.perplexity
     )
 }
 
-fn edit_cells(b: &EditMetrics, a: &EditMetrics) -> String {
+fn edit_cells(b: &AnswerMetrics, a: &AnswerMetrics) -> String {
     format!(
         "{} | {} | {} | {}",
-        arrow(b.success, a.success, pct),
-        arrow(b.success_at_5, a.success_at_5, pct),
-        arrow(b.change_rate, a.change_rate, pct),
-        arrow(b.mrr, a.mrr, num)
+        arrow(Some(b.success), Some(a.success), pct),
+        arrow(Some(b.success_at_5), Some(a.success_at_5), pct),
+        arrow(Some(b.change_rate), Some(a.change_rate), pct),
+        arrow(Some(b.mrr), Some(a.mrr), num)
     )
 }
 
@@ -349,23 +386,88 @@ pub fn markdown(report: &Report) -> String {
     );
     image(&mut s, report, "shared-neurons");
 
+    if let Some(b) = &report.baseline {
+        let _ = writeln!(
+            s,
+            "## The activation baseline beside the knowledge neurons\n"
+        );
+        let _ = writeln!(
+            s,
+            "The same statistics for the neurons of the paper's baseline (score = activation, \
+             threshold {}, share {}; {} facts).\n",
+            b.params.threshold, b.params.share, b.facts
+        );
+        let _ = writeln!(
+            s,
+            "| | knowledge neurons | activation baseline |\n|---|--:|--:|"
+        );
+        let (k, a) = (
+            &report.neurons_per_fact.overall,
+            &b.neurons_per_fact.overall,
+        );
+        let _ = writeln!(
+            s,
+            "| refined neurons per fact, mean | {} | {} |",
+            num(k.mean),
+            num(a.mean)
+        );
+        let median = |c: &CountSummary| opt(c.median, |m| m.to_string());
+        let _ = writeln!(
+            s,
+            "| refined neurons per fact, median | {} | {} |",
+            median(k),
+            median(a)
+        );
+        let _ = writeln!(s, "| facts without any | {} | {} |", k.zero, a.zero);
+        let top = |share: &[f64]| {
+            let k = share.len().div_ceil(4).max(1).min(share.len());
+            percent1(share[share.len() - k..].iter().sum(), false)
+        };
+        let _ = writeln!(
+            s,
+            "| share in the top quarter of the layers | {} | {} |",
+            top(&report.layer_distribution.overall.share),
+            top(&b.layer_distribution.overall.share)
+        );
+        for (name, x, y) in [
+            (
+                "shared neurons per pair, same relation",
+                &report.shared_neurons.same_relation,
+                &b.shared_neurons.same_relation,
+            ),
+            (
+                "shared neurons per pair, different relations",
+                &report.shared_neurons.different_relation,
+                &b.shared_neurons.different_relation,
+            ),
+        ] {
+            let _ = writeln!(s, "| {name} | {} | {} |", num(x.mean), num(y.mean));
+        }
+        s.push('\n');
+    }
+
     for probe in &report.probes {
         let (title, figure) = match probe.mode {
             super::input::ProbeMode::Suppress => ("Suppressing", 4),
             super::input::ProbeMode::Amplify => ("Amplifying", 5),
         };
+        let beside = match probe.control {
+            ControlKind::Random => String::new(),
+            other => format!(", beside {}", control_name(other)),
+        };
         let _ = writeln!(
             s,
-            "## {title} knowledge neurons (the paper's Figure {figure})\n"
+            "## {title} {}{beside} (the paper's Figure {figure})\n",
+            neurons_name(probe.method)
         );
         let _ = writeln!(
             s,
             "Factor {}, control: {}. Change = (mean after − mean before) / mean before of the \
              gold answer's probability.\n",
-            opt(probe.factor, |f| f.to_string()),
-            probe.control.as_deref().unwrap_or(NONE)
+            probe.factor,
+            probe.control.name()
         );
-        image(&mut s, report, probe.mode.name());
+        image(&mut s, report, &probe.name);
         let _ = writeln!(
             s,
             "| relation | facts | skipped | prompts | P(gold) before | after | change | control \
@@ -407,13 +509,13 @@ pub fn markdown(report: &Report) -> String {
                     s,
                     "| `{}` | {} ({}) | {} | {} | {} | {} | {} |",
                     file_name(&e.file),
-                    r.operation,
-                    r.rule.as_deref().or(r.value.as_deref()).unwrap_or(NONE),
-                    r.relations.as_deref().unwrap_or(&[]).join(", "),
-                    f.facts.map_or(NONE.to_string(), |n| n.to_string()),
-                    f.prompts.map_or(NONE.to_string(), |n| n.to_string()),
+                    operation(r),
+                    how(r),
+                    r.relations.join(", "),
+                    f.facts,
+                    f.prompts,
                     edit_cells(&f.before, &f.after),
-                    r.skipped.as_ref().map_or(0, Vec::len)
+                    r.skipped.len()
                 );
             }
             s.push('\n');
@@ -429,11 +531,7 @@ pub fn markdown(report: &Report) -> String {
         let _ = writeln!(s, "|---|---|---|--:|--:|--:|");
         for e in &report.edits {
             let r = &e.report;
-            let how = format!(
-                "{} ({})",
-                r.operation,
-                r.rule.as_deref().or(r.value.as_deref()).unwrap_or(NONE)
-            );
+            let how = format!("{} ({})", operation(r), how(r));
             let sets = [
                 ("same relation", r.same_relation.as_ref()),
                 ("other relations", r.other_relation.as_ref()),
@@ -441,7 +539,6 @@ pub fn markdown(report: &Report) -> String {
             let per_relation = r
                 .per_relation
                 .iter()
-                .flatten()
                 .map(|set| (set.relation.as_deref().unwrap_or(NONE), Some(set)));
             let mut any = false;
             for (name, set) in sets.into_iter().chain(per_relation) {
@@ -451,7 +548,7 @@ pub fn markdown(report: &Report) -> String {
                     s,
                     "| `{}` | {how} | {name} | {} | {} |",
                     file_name(&e.file),
-                    set.facts.map_or(NONE.to_string(), |n| n.to_string()),
+                    set.facts,
                     eval_cells(&set.before, &set.after)
                 );
             }

@@ -2,20 +2,22 @@
 //! and `kn edit --report` files. Several inputs of a kind merge (shards of one run);
 //! outputs of different models or parameters are refused, naming what differs.
 //!
-//! The probe and edit formats are read with their own tolerant structs: only the fields
-//! the report uses, unknown fields ignored, sections that may be absent or null optional.
+//! The probe and edit formats are read with their producers' types
+//! ([`crate::probe::ProbeRecord`], [`crate::edit::record::EditReport`]): one format, one
+//! definition.
 
 use std::collections::{BTreeSet, HashMap};
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::attribution::record::{FactRecord, ModelInfo, Params};
+use crate::attribution::record::{FactRecord, Method, ModelInfo, Params};
 use crate::data::JsonlInput;
+pub use crate::edit::record::EditReport;
 use crate::error::{Error, Result};
+pub use crate::probe::{ControlKind, ProbeMode, ProbeRecord};
 
 /// Where a record came from: a file (`<stdin>` for `-`) and, for JSON lines, its line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,220 +212,102 @@ pub fn read_neurons(paths: &[PathBuf], model: &mut SameModel) -> Result<Vec<Loca
     Ok(all)
 }
 
-/// What a probe did to the knowledge neurons.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProbeMode {
-    /// Set to 0 (the paper's Figure 4).
-    Suppress,
-    /// Multiplied (by 2 in the paper's Figure 5).
-    Amplify,
+/// One probe run of a report: the neurons' method, the mode and the control. Shards of
+/// a run merge; a report holds several runs (suppress and amplify, random and
+/// other-relation controls, knowledge neurons and the activation baseline's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProbeRun {
+    /// How the probed neurons were found.
+    pub method: Method,
+    /// Suppress or amplify.
+    pub mode: ProbeMode,
+    /// The control neurons.
+    pub control: ControlKind,
 }
 
-impl ProbeMode {
-    /// `suppress` or `amplify`.
-    pub fn name(self) -> &'static str {
-        match self {
-            ProbeMode::Suppress => "suppress",
-            ProbeMode::Amplify => "amplify",
+impl ProbeRun {
+    /// The run of a record, from its parameters (records made before probes recorded
+    /// the method probed knowledge neurons).
+    pub fn of(record: &ProbeRecord) -> Self {
+        Self {
+            method: record.params.method.unwrap_or(Method::IntegratedGradients),
+            mode: record.params.mode,
+            control: record.params.control,
         }
+    }
+
+    /// Report order: knowledge neurons before the baseline, suppress before amplify,
+    /// random before other-relation controls.
+    fn order(&self) -> (u8, ProbeMode, ControlKind) {
+        let method = match self.method {
+            Method::IntegratedGradients => 0,
+            Method::Activation => 1,
+        };
+        (method, self.mode, self.control)
     }
 }
 
-/// The control neurons of a probe.
-#[derive(Debug, Clone, Deserialize)]
-pub struct ProbeControl {
-    /// `random` (random neurons of the same layers) or `other-relation` (the neurons of
-    /// a fact of another relation).
-    pub kind: String,
-}
-
-/// One probed prompt.
-#[derive(Debug, Clone, Copy, Deserialize)]
-pub struct ProbePrompt {
-    /// `P(gold)`, unmodified model.
-    pub before: f64,
-    /// With the knowledge neurons suppressed or amplified.
-    pub after: f64,
-    /// With the control neurons treated the same way.
-    #[serde(default)]
-    pub control_after: Option<f64>,
-}
-
-/// One line of `kn probe` output (only what the report reads).
-#[derive(Debug, Clone, Deserialize)]
-pub struct ProbeRecord {
-    /// The fact's id.
-    pub id: Value,
-    /// Its relation.
-    #[serde(default)]
-    pub relation: Option<String>,
-    /// Suppress or amplify.
-    pub mode: ProbeMode,
-    /// The factor the neurons were multiplied by (0 to suppress).
-    #[serde(default)]
-    pub factor: Option<f64>,
-    /// The control.
-    #[serde(default)]
-    pub control: Option<ProbeControl>,
-    /// Per prompt (empty or null when skipped).
-    #[serde(default)]
-    pub prompts: Option<Vec<ProbePrompt>>,
-    /// Why the fact was not probed (e.g. `no refined neurons`).
-    #[serde(default)]
-    pub skipped: Option<String>,
-    /// The model.
-    pub model: ModelInfo,
-    /// The parameters, compared as they are.
-    #[serde(default)]
-    pub params: Value,
-}
-
-/// Reads `kn probe` outputs and groups them by mode (suppress first). Within a mode,
-/// parameters must be equal and ids unique; across modes only `mode` and `factor` may
-/// differ; the model must be the neurons' everywhere.
+/// Reads `kn probe` outputs and groups them into runs ([`ProbeRun`]), in report order.
+/// Within a run, parameters must be equal and ids unique; across runs only the mode,
+/// factor, control and neurons may differ; the model must be the neurons' everywhere.
 pub fn read_probes(
     paths: &[PathBuf],
     model: &mut SameModel,
-) -> Result<Vec<(ProbeMode, Vec<Located<ProbeRecord>>)>> {
-    let mut runs: Vec<(ProbeMode, Vec<Located<ProbeRecord>>)> = Vec::new();
-    let mut params: HashMap<ProbeMode, SameParams> = HashMap::new();
-    let mut ids: HashMap<ProbeMode, UniqueIds> = HashMap::new();
+) -> Result<Vec<(ProbeRun, Vec<Located<ProbeRecord>>)>> {
+    let mut runs: Vec<(ProbeRun, Vec<Located<ProbeRecord>>)> = Vec::new();
+    let mut params: Vec<(ProbeRun, SameParams, UniqueIds)> = Vec::new();
     let mut shared = SameParams::default();
     for path in paths {
         for located in read_jsonl::<ProbeRecord>(path, "kn probe")? {
             let (here, record) = (&located.origin, &located.record);
             model.check(here, &record.model)?;
-            let mode = record.mode;
-            params
-                .entry(mode)
-                .or_default()
-                .check(here, record.params.clone(), ONE_RUN)?;
-            let mut common = record.params.clone();
+            let run = ProbeRun::of(record);
+            let value = serde_json::to_value(&record.params).unwrap_or_default();
+            let index = match params.iter().position(|(r, _, _)| *r == run) {
+                Some(i) => i,
+                None => {
+                    params.push((run, SameParams::default(), UniqueIds::default()));
+                    params.len() - 1
+                }
+            };
+            let (_, same, ids) = &mut params[index];
+            same.check(here, value.clone(), ONE_RUN)?;
+            let mut common = value;
             if let Value::Object(map) = &mut common {
-                map.remove("mode");
-                map.remove("factor");
+                for key in ["mode", "factor", "control", "neurons_sha256", "method"] {
+                    map.remove(key);
+                }
             }
             shared.check(
                 here,
                 common,
-                "suppress and amplify runs may differ in mode and factor only",
+                "probe runs may differ in mode, factor, control and neurons only",
             )?;
-            ids.entry(mode)
-                .or_default()
-                .check(here, &record.id, mode.name())?;
-            match runs.iter_mut().find(|(m, _)| *m == mode) {
+            ids.check(here, &record.id, &run_name(&run))?;
+            match runs.iter_mut().find(|(r, _)| *r == run) {
                 Some((_, records)) => records.push(located),
-                None => runs.push((mode, vec![located])),
+                None => runs.push((run, vec![located])),
             }
         }
     }
-    runs.sort_by_key(|(mode, _)| *mode);
+    runs.sort_by_key(|(run, _)| run.order());
     Ok(runs)
 }
 
-/// Success metrics of the edited facts, before or after an update.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EditMetrics {
-    /// Share of prompts whose top-1 is the new answer.
-    #[serde(default)]
-    pub success: Option<f64>,
-    /// Share of prompts with the new answer in the top 5.
-    #[serde(default)]
-    pub success_at_5: Option<f64>,
-    /// Share of prompts whose top-1 is no longer the old answer.
-    #[serde(default)]
-    pub change_rate: Option<f64>,
-    /// Mean reciprocal rank of the new answer.
-    #[serde(default)]
-    pub mrr: Option<f64>,
-}
-
-/// The facts an update edited.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EditedFacts {
-    /// Facts.
-    #[serde(default)]
-    pub facts: Option<usize>,
-    /// Their prompts.
-    #[serde(default)]
-    pub prompts: Option<usize>,
-    /// Before the edit.
-    pub before: EditMetrics,
-    /// After it.
-    pub after: EditMetrics,
-}
-
-/// Accuracy and perplexity of gold answers on a set of facts.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct EvalMetrics {
-    /// Share of prompts answered top-1.
-    #[serde(default)]
-    pub accuracy: Option<f64>,
-    /// `exp(mean −log P(gold))`.
-    #[serde(default)]
-    pub perplexity: Option<f64>,
-}
-
-/// Facts evaluated before and after an edit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EvalSet {
-    /// The relation (per-relation rows only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub relation: Option<String>,
-    /// Facts.
-    #[serde(default)]
-    pub facts: Option<usize>,
-    /// Their prompts.
-    #[serde(default)]
-    pub prompts: Option<usize>,
-    /// Before the edit.
-    pub before: EvalMetrics,
-    /// After it.
-    pub after: EvalMetrics,
-}
-
-/// A fact `kn edit` left alone, and why.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SkippedFact {
-    /// Its id.
-    pub id: Value,
-    /// Why.
-    #[serde(default)]
-    pub reason: Option<String>,
-}
-
-/// A `kn edit --report` file (only what the report reads).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct EditReport {
-    /// `update` or `erase`.
-    pub operation: String,
-    /// Update rule: `scaled` or `fixed`.
-    #[serde(default)]
-    pub rule: Option<String>,
-    /// Erase value: `zero` or `unk`.
-    #[serde(default)]
-    pub value: Option<String>,
-    /// The relations edited or erased.
-    #[serde(default)]
-    pub relations: Option<Vec<String>>,
-    /// The model.
-    pub model: ModelInfo,
-    /// Success on the edited facts (updates only).
-    #[serde(default)]
-    pub edited_facts: Option<EditedFacts>,
-    /// Facts of the edited relations (the erased ones for an erase).
-    #[serde(default)]
-    pub same_relation: Option<EvalSet>,
-    /// Facts of the other relations.
-    #[serde(default)]
-    pub other_relation: Option<EvalSet>,
-    /// Per relation.
-    #[serde(default)]
-    pub per_relation: Option<Vec<EvalSet>>,
-    /// Facts left alone.
-    #[serde(default)]
-    pub skipped: Option<Vec<SkippedFact>>,
+/// `suppress`, `amplify (other-relation control)`, `suppress (activation baseline)`, …
+fn run_name(run: &ProbeRun) -> String {
+    let mut parts = Vec::new();
+    if run.control != ControlKind::Random {
+        parts.push(format!("{} control", run.control.name()));
+    }
+    if run.method == Method::Activation {
+        parts.push("activation baseline".to_string());
+    }
+    if parts.is_empty() {
+        run.mode.name().to_string()
+    } else {
+        format!("{} ({})", run.mode.name(), parts.join(", "))
+    }
 }
 
 /// Reads one `kn edit --report` file (`-` for stdin); its model must be the neurons'.

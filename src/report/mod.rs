@@ -31,13 +31,22 @@
 //!  "shared_neurons":{"same_relation":{"pairs":2,"shared":3,"mean":1.5},
 //!                    "different_relation":{"pairs":4,"shared":1,"mean":0.25},
 //!                    "relations":["a","b"],"pairs":[[1,4],[4,1]],"shared":[[…]],"mean":[[…]]},
-//!  "probes":[{"mode":"suppress","factor":0.0,"control":"random","facts":4,"skipped":0,
+//!  "baseline":{"params":{"method":"activation",…},"facts":4,"neurons_per_fact":{…},
+//!              "layer_distribution":{…},"shared_neurons":{…}},
+//!  "probes":[{"name":"suppress","mode":"suppress","method":"integrated-gradients",
+//!             "factor":0.0,"control":"random","facts":4,"skipped":0,
 //!             "overall":{"prompts":10,"before":0.43,"after":0.31,"change":-0.28,
 //!                        "control_prompts":10,"control_after":0.42,"control_change":-0.02},
 //!             "by_relation":[{"relation":"a","facts":2,"skipped":0,"prompts":5,…}]}],
 //!  "edits":[{"file":"edit.json", …the edit report's fields…}],
 //!  "figures":[{"name":"layers","file":"layers.png","title":"…"}, …]}
 //! ```
+//!
+//! `baseline` (with `--baseline`: the activation baseline's records) has the neuron
+//! statistics of the paper's baseline. `probes` holds one entry per probe run: suppress or
+//! amplify, of the knowledge neurons or of the baseline's (`method`), beside random or
+//! another relation's neurons (`control`); `name` is its figure's (`suppress`,
+//! `amplify-other-relation`, `suppress-activation`, …).
 //!
 //! Shares and changes are fractions (0.28, not 28%). A mean over nothing is `null`.
 //! `change` is the paper's metric, (mean after − mean before) / mean before over the
@@ -65,6 +74,10 @@ use stats::{Fact, LayerDistribution, PerFact, ProbeSummary, SharedNeurons};
 pub struct Inputs {
     /// `kn attribute` / `kn refine` outputs (JSONL), merged.
     pub neurons: Vec<PathBuf>,
+    /// The activation baseline's `kn attribute --method activation` outputs (JSONL),
+    /// merged; absent from `report.json` when none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub baseline: Vec<PathBuf>,
     /// `kn probe` outputs (JSONL), grouped by mode.
     pub probe: Vec<PathBuf>,
     /// `kn edit --report` files (JSON), one table row each.
@@ -93,6 +106,22 @@ pub struct EditRow {
     pub report: EditReport,
 }
 
+/// The neuron statistics of the activation baseline (`--baseline`), beside the
+/// knowledge neurons' (the paper's 3.96 neurons per fact, 1.92 shared across relations).
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    /// Its records' parameters.
+    pub params: Params,
+    /// Facts in its records.
+    pub facts: usize,
+    /// Refined neurons per fact.
+    pub neurons_per_fact: PerFact,
+    /// Refined neurons over layers.
+    pub layer_distribution: LayerDistribution,
+    /// Neurons shared by fact pairs.
+    pub shared_neurons: SharedNeurons,
+}
+
 /// Everything `report.json` holds (see the module documentation for its format).
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -119,7 +148,11 @@ pub struct Report {
     pub layer_distribution: LayerDistribution,
     /// Neurons shared by fact pairs.
     pub shared_neurons: SharedNeurons,
-    /// Suppress and amplify runs (Figures 4 and 5), suppress first.
+    /// The activation baseline's neuron statistics (`--baseline`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<Baseline>,
+    /// Probe runs (Figures 4 and 5): knowledge neurons before the baseline's, suppress
+    /// before amplify, random before other-relation controls.
     pub probes: Vec<ProbeSummary>,
     /// Edit reports, in the order given.
     pub edits: Vec<EditRow>,
@@ -132,6 +165,7 @@ pub fn build(inputs: &Inputs, layers: Option<usize>) -> Result<Report> {
     let stdin = inputs
         .neurons
         .iter()
+        .chain(&inputs.baseline)
         .chain(&inputs.probe)
         .chain(&inputs.edit_reports)
         .filter(|p| *p == Path::new("-"))
@@ -144,13 +178,34 @@ pub fn build(inputs: &Inputs, layers: Option<usize>) -> Result<Report> {
     }
     let mut model = SameModel::default();
     let records = input::read_neurons(&inputs.neurons, &mut model)?;
+    let baseline = if inputs.baseline.is_empty() {
+        None
+    } else {
+        let records = input::read_neurons(&inputs.baseline, &mut model)?;
+        let facts: Vec<Fact> = records
+            .iter()
+            .map(|r| Fact::from_record(&r.record))
+            .collect();
+        Some((records, facts))
+    };
     let probes = input::read_probes(&inputs.probe, &mut model)?;
     let edits = inputs
         .edit_reports
         .iter()
         .map(|p| input::read_edit_report(p, &mut model))
         .collect::<Result<Vec<_>>>()?;
-    let (layers, layers_from) = layer_count(&records, layers)?;
+    let (mut layers, layers_from) = layer_count(&records, layers)?;
+    if let Some((baseline, _)) = &baseline {
+        // Activation records have no completeness: their top layer may be above the
+        // knowledge neurons' highest.
+        layers = layers.max(
+            layer_count(
+                baseline,
+                Some(layers).filter(|_| layers_from == LayersFrom::Option),
+            )?
+            .0,
+        );
+    }
     let facts: Vec<Fact> = records
         .iter()
         .map(|r| Fact::from_record(&r.record))
@@ -168,14 +223,21 @@ pub fn build(inputs: &Inputs, layers: Option<usize>) -> Result<Report> {
         neurons_per_fact: stats::neurons_per_fact(&facts),
         layer_distribution: stats::layer_distribution(&facts, layers),
         shared_neurons: stats::shared_neurons(&facts),
+        baseline: baseline.map(|(records, facts)| Baseline {
+            params: records[0].record.params.clone(),
+            facts: facts.len(),
+            neurons_per_fact: stats::neurons_per_fact(&facts),
+            layer_distribution: stats::layer_distribution(&facts, layers),
+            shared_neurons: stats::shared_neurons(&facts),
+        }),
         probes: probes
             .iter()
-            .map(|(mode, records)| {
+            .map(|(run, records)| {
                 // Sums in one order, whatever the order of the shards: the report of
                 // merged shards equals the whole run's to the last bit.
                 let mut records: Vec<_> = records.iter().map(|r| &r.record).collect();
                 records.sort_by_cached_key(|r| r.id.to_string());
-                stats::probe_summary(*mode, &records)
+                stats::probe_summary(*run, &records)
             })
             .collect(),
         edits: edits

@@ -269,15 +269,16 @@ pub fn render(report: &Report, dir: &Path, format: Format) -> Result<Vec<Figure>
             super::input::ProbeMode::Suppress => ("Suppressing", "4"),
             super::input::ProbeMode::Amplify => ("Amplifying", "5"),
         };
-        let factor = probe.factor.map_or(String::new(), |f| format!(" (×{f})"));
+        let factor = format!(" (×{})", probe.factor);
         let title = format!(
-            "{verb} knowledge neurons{factor}: gold probability change (paper: Figure {figure})"
+            "{verb} {}{factor}: gold probability change (paper: Figure {figure})",
+            neurons_name(probe.method)
         );
         let bars = ProbeBars {
             title: title.clone(),
             probe,
         };
-        out(probe.mode.name(), title, &|p| save(&bars, p, format))?;
+        out(&probe.name, title, &|p| save(&bars, p, format))?;
     }
     Ok(figures)
 }
@@ -727,6 +728,22 @@ impl ProbeBars<'_> {
 
 const PROBE_ROW: i32 = 44;
 
+/// What the probed neurons are called: `knowledge neurons`, or the baseline's.
+pub fn neurons_name(method: crate::attribution::record::Method) -> String {
+    match method {
+        crate::attribution::record::Method::IntegratedGradients => "knowledge neurons".into(),
+        crate::attribution::record::Method::Activation => "activation baseline's neurons".into(),
+    }
+}
+
+/// What a control's neurons are called.
+pub fn control_name(control: super::input::ControlKind) -> &'static str {
+    match control {
+        super::input::ControlKind::Random => "random neurons",
+        super::input::ControlKind::OtherRelation => "another relation's neurons",
+    }
+}
+
 impl Plot for ProbeBars<'_> {
     fn size(&self) -> (u32, u32) {
         let rows = self.rows().len() as i32;
@@ -739,10 +756,12 @@ impl Plot for ProbeBars<'_> {
         let area = root.titled(&self.title, style(TITLE))?;
         let (key_area, area) = area.split_vertically(30);
         let has_control = self.probe.overall.control_prompts > 0;
-        let mut keys = vec![(Key::Bar(KN), "knowledge neurons".to_string())];
+        let mut keys = vec![(Key::Bar(KN), neurons_name(self.probe.method))];
         if has_control {
-            let kind = self.probe.control.as_deref().unwrap_or("control");
-            keys.push((Key::Bar(CONTROL), format!("control ({kind} neurons)")));
+            keys.push((
+                Key::Bar(CONTROL),
+                format!("control ({})", control_name(self.probe.control)),
+            ));
         }
         legend(&key_area, &keys)?;
 
@@ -931,9 +950,11 @@ mod tests {
         };
         for change in [Some(-0.3), None] {
             let probe = ProbeSummary {
+                name: "suppress".into(),
                 mode: super::super::input::ProbeMode::Suppress,
-                factor: None,
-                control: None,
+                method: crate::attribution::record::Method::IntegratedGradients,
+                factor: 0.0,
+                control: super::super::input::ControlKind::Random,
                 facts: 1,
                 skipped: usize::from(change.is_none()),
                 overall: effect(change),

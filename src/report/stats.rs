@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use super::input::{ProbeMode, ProbeRecord};
-use crate::attribution::record::FactRecord;
+use super::input::{ControlKind, ProbeMode, ProbeRecord, ProbeRun};
+use crate::attribution::record::{FactRecord, Method};
 use crate::model::Neuron;
 
 /// The relation of facts that have none.
@@ -448,15 +448,23 @@ pub struct RelationEffect {
     pub effect: Effect,
 }
 
-/// One probe run (suppress or amplify): the paper's Figure 4 or 5.
+/// One probe run (suppress or amplify of one set of neurons, beside one control): the
+/// paper's Figure 4 or 5.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ProbeSummary {
+    /// The run's name, also its figure's: `suppress`, `amplify`, then `-other-relation`
+    /// for that control and `-activation` for the activation baseline's neurons
+    /// (`suppress-other-relation`, `amplify-activation`).
+    pub name: String,
     /// Suppress or amplify.
     pub mode: ProbeMode,
+    /// How the probed neurons were found: integrated gradients (knowledge neurons) or
+    /// the activation baseline.
+    pub method: Method,
     /// The factor applied to the neurons (0 to suppress).
-    pub factor: Option<f64>,
+    pub factor: f64,
     /// The control's kind (`random`, `other-relation`).
-    pub control: Option<String>,
+    pub control: ControlKind,
     /// Facts in the probe output.
     pub facts: usize,
     /// Of those, the ones not probed.
@@ -467,16 +475,28 @@ pub struct ProbeSummary {
     pub by_relation: Vec<RelationEffect>,
 }
 
-/// Summarises the records of one probe run (all of one mode).
-pub fn probe_summary(mode: ProbeMode, records: &[&ProbeRecord]) -> ProbeSummary {
+/// The name of a probe run (see [`ProbeSummary::name`]).
+pub fn probe_run_name(run: &ProbeRun) -> String {
+    let mut name = run.mode.name().to_string();
+    if run.control != ControlKind::Random {
+        name.push('-');
+        name.push_str(run.control.name());
+    }
+    if run.method == Method::Activation {
+        name.push_str("-activation");
+    }
+    name
+}
+
+/// Summarises the records of one probe run.
+pub fn probe_summary(run: ProbeRun, records: &[&ProbeRecord]) -> ProbeSummary {
     let prompts = |r: &ProbeRecord| -> Vec<ProbedPrompt> {
         r.prompts
             .iter()
-            .flatten()
             .map(|p| ProbedPrompt {
                 before: p.before,
                 after: p.after,
-                control_after: p.control_after,
+                control_after: Some(p.control_after),
             })
             .collect()
     };
@@ -503,11 +523,12 @@ pub fn probe_summary(mode: ProbeMode, records: &[&ProbeRecord]) -> ProbeSummary 
         })
         .collect();
     by_relation.sort_by(|a, b| natural_cmp(&a.relation, &b.relation));
-    let first = records.first();
     ProbeSummary {
-        mode,
-        factor: first.and_then(|r| r.factor),
-        control: first.and_then(|r| r.control.as_ref().map(|c| c.kind.clone())),
+        name: probe_run_name(&run),
+        mode: run.mode,
+        method: run.method,
+        factor: records.first().map_or(0.0, |r| r.params.factor),
+        control: run.control,
         facts: records.len(),
         skipped: records.iter().filter(|r| skipped(r)).count(),
         overall: effect(&all),
@@ -707,28 +728,47 @@ mod tests {
     fn probe_summary_by_hand() {
         let record = |relation: &str, prompts: serde_json::Value, skipped: bool| {
             serde_json::from_value::<ProbeRecord>(serde_json::json!({
-                "id": 1, "relation": relation, "mode": "suppress", "factor": 0.0,
-                "control": {"kind": "random"}, "prompts": prompts,
+                "id": 1, "relation": relation, "answer": "x", "answer_id": 0,
+                "mode": "suppress", "factor": 0.0, "neurons": [],
+                "control": {"kind": "random", "neurons": []}, "prompts": prompts,
                 "skipped": if skipped { serde_json::json!("no refined neurons") } else { serde_json::Value::Null },
-                "model": {"source": "m", "weights_sha256": "00"}
+                "model": {"source": "m", "weights_sha256": "00"},
+                "params": {"mode": "suppress", "factor": 0.0, "control": "random", "seed": 0,
+                           "neurons_sha256": "00"},
+                "kn_version": "0"
             }))
             .unwrap()
         };
-        let p = |b: f64, a: f64, c: f64| serde_json::json!({"before": b, "after": a, "control_after": c});
+        let p = |b: f64, a: f64, c: f64| serde_json::json!({"prompt": "p", "before": b, "after": a, "control_after": c});
         let records = [
             record(
                 "a",
                 serde_json::json!([p(0.5, 0.1, 0.5), p(0.3, 0.1, 0.2)]),
                 false,
             ),
-            record("a", serde_json::Value::Null, true),
+            record("a", serde_json::json!([]), true),
             record("b", serde_json::json!([p(0.2, 0.3, 0.2)]), false),
         ];
         let refs: Vec<&ProbeRecord> = records.iter().collect();
-        let s = probe_summary(ProbeMode::Suppress, &refs);
+        let run = ProbeRun::of(&records[0]);
+        assert_eq!(
+            run.method,
+            Method::IntegratedGradients,
+            "no method: knowledge neurons"
+        );
+        let s = probe_summary(run, &refs);
         assert_eq!((s.facts, s.skipped), (3, 1));
-        assert_eq!(s.control.as_deref(), Some("random"));
-        assert_eq!(s.factor, Some(0.0));
+        assert_eq!(
+            (s.name.as_str(), s.control),
+            ("suppress", ControlKind::Random)
+        );
+        assert_eq!(s.factor, 0.0);
+        let other = ProbeRun {
+            method: Method::Activation,
+            mode: ProbeMode::Amplify,
+            control: ControlKind::OtherRelation,
+        };
+        assert_eq!(probe_run_name(&other), "amplify-other-relation-activation");
         // a: before 0.4, after 0.1: −75%; control 0.35: −12.5%.
         let a = &s.by_relation[0];
         assert_eq!(
