@@ -34,6 +34,10 @@ pub enum Rule {
     Midpoint,
     /// m-point Gauss–Legendre: exact for polynomials of degree 2m−1.
     Gauss,
+    /// Adaptive Gauss–Kronrod: 15 points on [0, 1] (exact to degree 22), the embedded
+    /// 7-point Gauss rule's difference as the error estimate, and intervals halved, per
+    /// layer, until every score's estimated error is below [`IgOptions::tolerance`].
+    GaussKronrod,
 }
 
 impl std::str::FromStr for Rule {
@@ -45,7 +49,10 @@ impl std::str::FromStr for Rule {
             "right" => Ok(Self::Right),
             "midpoint" => Ok(Self::Midpoint),
             "gauss" | "gauss-legendre" => Ok(Self::Gauss),
-            _ => Err(format!("unknown rule {s:?} (left, right, midpoint, gauss)")),
+            "gauss-kronrod" | "kronrod" => Ok(Self::GaussKronrod),
+            _ => Err(format!(
+                "unknown rule {s:?} (left, right, midpoint, gauss, gauss-kronrod)"
+            )),
         }
     }
 }
@@ -57,12 +64,14 @@ impl std::fmt::Display for Rule {
             Self::Right => "right",
             Self::Midpoint => "midpoint",
             Self::Gauss => "gauss",
+            Self::GaussKronrod => "gauss-kronrod",
         })
     }
 }
 
 impl Rule {
-    /// The `m` nodes `α_k` and weights `c_k` (summing to 1).
+    /// The `m` nodes `α_k` and weights `c_k` (summing to 1). Gauss–Kronrod has 15
+    /// nodes whatever `m` (its first interval, before any halving).
     pub fn nodes(self, m: usize) -> Vec<(f64, f64)> {
         let w = 1.0 / m as f64;
         match self {
@@ -70,8 +79,61 @@ impl Rule {
             Self::Right => (1..=m).map(|k| (k as f64 * w, w)).collect(),
             Self::Midpoint => (0..m).map(|k| ((k as f64 + 0.5) * w, w)).collect(),
             Self::Gauss => gauss_legendre(m),
+            Self::GaussKronrod => kronrod_nodes(0.0, 1.0)
+                .into_iter()
+                .map(|(alpha, kronrod, _)| (alpha, kronrod))
+                .collect(),
         }
     }
+}
+
+/// Gauss–Kronrod 7–15 on [−1, 1] (QUADPACK's qk15): the Kronrod abscissae from the
+/// outside in (0 last), their weights, and the weights of the 7-point Gauss rule, whose
+/// nodes are the odd-numbered abscissae (1, 3, 5 and 0).
+const KRONROD_X: [f64; 8] = [
+    0.991_455_371_120_812_6,
+    0.949_107_912_342_758_5,
+    0.864_864_423_359_769_1,
+    0.741_531_185_599_394_4,
+    0.586_087_235_467_691_1,
+    0.405_845_151_377_397_2,
+    0.207_784_955_007_898_5,
+    0.0,
+];
+const KRONROD_W: [f64; 8] = [
+    0.022_935_322_010_529_22,
+    0.063_092_092_629_978_55,
+    0.104_790_010_322_250_2,
+    0.140_653_259_715_525_9,
+    0.169_004_726_639_267_9,
+    0.190_350_578_064_785_4,
+    0.204_432_940_075_298_9,
+    0.209_482_141_084_727_8,
+];
+const GAUSS7_W: [f64; 4] = [
+    0.129_484_966_168_869_7,
+    0.279_705_391_489_276_7,
+    0.381_830_050_505_118_9,
+    0.417_959_183_673_469_4,
+];
+
+/// The 15 nodes on [a, b], ascending: (α, Kronrod weight, embedded Gauss weight or 0),
+/// weights scaled to the interval (they sum to b − a).
+fn kronrod_nodes(a: f64, b: f64) -> Vec<(f64, f64, f64)> {
+    let (centre, half) = ((a + b) / 2.0, (b - a) / 2.0);
+    let mut out = Vec::with_capacity(15);
+    for (j, (&x, &w)) in KRONROD_X.iter().zip(&KRONROD_W).enumerate() {
+        // Odd j (1, 3, 5, 7) are the Gauss nodes; 7 is the centre.
+        let g = if j % 2 == 1 { GAUSS7_W[j / 2] } else { 0.0 };
+        if x == 0.0 {
+            out.push((centre, w * half, g * half));
+        } else {
+            out.push((centre - half * x, w * half, g * half));
+            out.push((centre + half * x, w * half, g * half));
+        }
+    }
+    out.sort_by(|p, q| p.0.total_cmp(&q.0));
+    out
 }
 
 /// Gauss–Legendre nodes and weights mapped from [−1, 1] to [0, 1] (Newton's method on
@@ -116,7 +178,17 @@ pub struct IgOptions {
     /// activations within [`CACHE_BUDGET`]. Bounds memory; results do not depend on it
     /// beyond rounding.
     pub chunk: Option<usize>,
+    /// [`Rule::GaussKronrod`] only: every score's estimated integration error stays
+    /// below `tolerance × P(gold)` (see [`integrated_gradients`]).
+    pub tolerance: Option<f64>,
 }
+
+/// Gauss–Kronrod halves an interval at most this many times (16 intervals, 240 points
+/// a layer); past it the error estimate is recorded as it is.
+pub const MAX_HALVINGS: usize = 4;
+
+/// The tolerance when [`Rule::GaussKronrod`] is asked for without one.
+pub const DEFAULT_TOLERANCE: f64 = 1e-3;
 
 /// Bytes of cached activations a batch of integration points may take when the batch
 /// size is left to kn: for bert-base prompts of about 11 tokens, three batches of 7 of
@@ -157,60 +229,52 @@ pub struct PromptAttribution {
     pub scores: Vec<Vec<f32>>,
     /// Per layer (integrated gradients only).
     pub completeness: Vec<Completeness>,
+    /// Integration points evaluated, summed over the layers (integrated gradients only).
+    pub points: usize,
+    /// [`Rule::GaussKronrod`]: the largest estimated error of a score (over the layers),
+    /// as a fraction of `P(gold)`.
+    pub error_estimate: Option<f64>,
 }
 
 /// Integrated gradients of every neuron of every layer for one prompt.
+///
+/// With [`Rule::GaussKronrod`] each layer's integral is adaptive: the 15-point Kronrod
+/// sum on an interval is accepted when, for every neuron, `w_i · |K_i − G_i|` (G the
+/// embedded 7-point Gauss sum, far less exact than K) is at most
+/// `tolerance · P(gold) · (b − a)`; otherwise the interval is halved (at most
+/// [`MAX_HALVINGS`] times). So every score's error is below `tolerance · P(gold)`
+/// unless `error_estimate` says otherwise. The other rules use their `m` nodes.
 pub fn integrated_gradients<F: Real>(
     pass: &dyn PromptPass<F>,
     gold: usize,
     options: &IgOptions,
 ) -> PromptAttribution {
     let p1 = pass.probabilities()[gold].to_f64().unwrap_or(f64::NAN);
-    let mut points = options.rule.nodes(options.steps);
-    // P(0) for the completeness check: a point of weight 0 unless the rule has α = 0.
-    if !points.iter().any(|&(alpha, _)| alpha == 0.0) {
-        points.push((0.0, 0.0));
-    }
     let neurons = pass.neurons();
-    let width = neurons[0].len();
-    let layers: Vec<usize> = (0..neurons.len()).collect();
-    // Σ_k c_k ∂P(α_k·w)/∂w per layer, and P(0) (from the point α = 0).
-    let mut gradient_sums = vec![vec![0f64; width]; layers.len()];
-    let mut p0 = vec![f64::NAN; layers.len()];
-    // Equal batches, as few as the size limit allows.
     let limit = options
         .chunk
         .unwrap_or_else(|| CACHE_BUDGET / pass.cache_bytes_per_point())
         .max(1);
-    let size = points.len().div_ceil(points.len().div_ceil(limit));
-    for chunk in points.chunks(size) {
-        let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
-        // All layers at once: the engine stacks them (see `Engine::gradients`).
-        let results = pass.gradients(&layers, &alphas, gold);
-        for (layer, result) in results.iter().enumerate() {
-            for (b, &(alpha, weight)) in chunk.iter().enumerate() {
-                if alpha == 0.0 {
-                    p0[layer] = result.probabilities[b].to_f64().unwrap_or(f64::NAN);
-                }
-                let row = &result.gradients[b * width..(b + 1) * width];
-                for (sum, &g) in gradient_sums[layer].iter_mut().zip(row) {
-                    *sum += weight * g.to_f64().unwrap_or(f64::NAN);
-                }
-            }
+    let integrals = match options.rule {
+        Rule::GaussKronrod => {
+            let tolerance = options.tolerance.unwrap_or(DEFAULT_TOLERANCE) * p1;
+            gauss_kronrod(pass, gold, tolerance, limit)
         }
-    }
-    let (scores, completeness) = layers
+        rule => fixed_rule(pass, gold, &rule.nodes(options.steps), limit),
+    };
+    let (scores, completeness) = neurons
         .iter()
-        .map(|&layer| {
-            let layer_scores: Vec<f64> = neurons[layer]
+        .enumerate()
+        .map(|(layer, w)| {
+            let layer_scores: Vec<f64> = w
                 .iter()
-                .zip(&gradient_sums[layer])
+                .zip(&integrals.gradients[layer])
                 .map(|(&w, &g)| w.to_f64().unwrap_or(f64::NAN) * g)
                 .collect();
             let completeness = Completeness {
                 layer,
                 sum: layer_scores.iter().sum(),
-                target: p1 - p0[layer],
+                target: p1 - integrals.p0[layer],
             };
             (
                 layer_scores.into_iter().map(|s| s as f32).collect(),
@@ -222,7 +286,156 @@ pub fn integrated_gradients<F: Real>(
         gold_probability: p1,
         scores,
         completeness,
+        points: integrals.points,
+        error_estimate: integrals.error.map(|e| e / p1),
     }
+}
+
+/// `∫₀¹ ∂P(α·w)/∂w dα` per layer, as a rule computed it.
+struct Integrals {
+    /// `gradients[layer][neuron]`.
+    gradients: Vec<Vec<f64>>,
+    /// `P(0)` per layer, for the completeness check.
+    p0: Vec<f64>,
+    /// Points evaluated, summed over the layers.
+    points: usize,
+    /// Gauss–Kronrod: the largest estimated error of a score over the layers.
+    error: Option<f64>,
+}
+
+/// A fixed rule's nodes, every layer at once.
+fn fixed_rule<F: Real>(
+    pass: &dyn PromptPass<F>,
+    gold: usize,
+    nodes: &[(f64, f64)],
+    limit: usize,
+) -> Integrals {
+    let layers: Vec<usize> = (0..pass.neurons().len()).collect();
+    let mut weighted: Vec<(f64, [f64; 2])> = nodes.iter().map(|&(a, c)| (a, [c, 0.0])).collect();
+    // P(0) for the completeness check: a point of weight 0 unless the rule has α = 0.
+    if !nodes.iter().any(|&(alpha, _)| alpha == 0.0) {
+        weighted.push((0.0, [0.0, 0.0]));
+    }
+    let [gradients, _] = weighted_gradients(pass, &layers, &weighted, gold, limit);
+    Integrals {
+        gradients: gradients.sums,
+        p0: gradients.p0,
+        points: nodes.len() * layers.len(),
+        error: None,
+    }
+}
+
+/// Adaptive Gauss–Kronrod per layer (see [`integrated_gradients`]); `tolerance` is
+/// absolute (already times `P(gold)`).
+fn gauss_kronrod<F: Real>(
+    pass: &dyn PromptPass<F>,
+    gold: usize,
+    tolerance: f64,
+    limit: usize,
+) -> Integrals {
+    let neurons = pass.neurons();
+    let width = neurons[0].len();
+    let mut out = Integrals {
+        gradients: vec![vec![0f64; width]; neurons.len()],
+        p0: vec![f64::NAN; neurons.len()],
+        points: 0,
+        error: Some(0.0),
+    };
+    let mut error = vec![0f64; neurons.len()];
+    // Each interval still open, with the layers that still integrate over it: halving
+    // makes every interval of a round distinct, so no interval is evaluated twice.
+    let mut open: Vec<((f64, f64), Vec<usize>)> = vec![((0.0, 1.0), (0..neurons.len()).collect())];
+    for halvings in 0..=MAX_HALVINGS {
+        let mut next = Vec::new();
+        for ((a, b), layers) in open {
+            let mut nodes: Vec<(f64, [f64; 2])> = kronrod_nodes(a, b)
+                .into_iter()
+                .map(|(alpha, k, g)| (alpha, [k, g]))
+                .collect();
+            if halvings == 0 {
+                nodes.push((0.0, [0.0, 0.0]));
+            }
+            let [kronrod, gauss] = weighted_gradients(pass, &layers, &nodes, gold, limit);
+            out.points += 15 * layers.len();
+            let mut halve = Vec::new();
+            for (i, &layer) in layers.iter().enumerate() {
+                if halvings == 0 {
+                    out.p0[layer] = kronrod.p0[i];
+                }
+                let estimate = neurons[layer]
+                    .iter()
+                    .zip(kronrod.sums[i].iter().zip(&gauss.sums[i]))
+                    .map(|(&w, (k, g))| (w.to_f64().unwrap_or(f64::NAN) * (k - g)).abs())
+                    .fold(0.0, f64::max);
+                if estimate <= tolerance * (b - a) || halvings == MAX_HALVINGS {
+                    for (sum, k) in out.gradients[layer].iter_mut().zip(&kronrod.sums[i]) {
+                        *sum += k;
+                    }
+                    error[layer] += estimate;
+                } else {
+                    halve.push(layer);
+                }
+            }
+            if !halve.is_empty() {
+                let middle = (a + b) / 2.0;
+                next.push(((a, middle), halve.clone()));
+                next.push(((middle, b), halve));
+            }
+        }
+        open = next;
+        if open.is_empty() {
+            break;
+        }
+    }
+    out.error = Some(error.into_iter().fold(0.0, f64::max));
+    out
+}
+
+/// Per weight set: the weighted gradient sums of `layers` (in their order) and `P(0)`
+/// where a node is α = 0 (else NaN).
+struct WeightedSums {
+    sums: Vec<Vec<f64>>,
+    p0: Vec<f64>,
+}
+
+/// `Σ_k c_k ∂P(α_k·w)/∂w` for two weight sets `c` over the same nodes, for `layers`,
+/// in equal batches of at most `limit` points, all layers of a batch at once (the
+/// engine stacks them; see `Engine::gradients`).
+fn weighted_gradients<F: Real>(
+    pass: &dyn PromptPass<F>,
+    layers: &[usize],
+    nodes: &[(f64, [f64; 2])],
+    gold: usize,
+    limit: usize,
+) -> [WeightedSums; 2] {
+    let width = pass.neurons()[0].len();
+    let empty = || WeightedSums {
+        sums: vec![vec![0f64; width]; layers.len()],
+        p0: vec![f64::NAN; layers.len()],
+    };
+    let mut out = [empty(), empty()];
+    let size = nodes.len().div_ceil(nodes.len().div_ceil(limit));
+    for chunk in nodes.chunks(size) {
+        let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
+        let results = pass.gradients(layers, &alphas, gold);
+        for (i, result) in results.iter().enumerate() {
+            for (b, &(alpha, weights)) in chunk.iter().enumerate() {
+                let row = &result.gradients[b * width..(b + 1) * width];
+                for (set, &weight) in out.iter_mut().zip(&weights) {
+                    if alpha == 0.0 {
+                        set.p0[i] = result.probabilities[b].to_f64().unwrap_or(f64::NAN);
+                    }
+                    if weight == 0.0 {
+                        continue;
+                    }
+                    for (sum, &g) in set.sums[i].iter_mut().zip(row) {
+                        *sum += weight * g.to_f64().unwrap_or(f64::NAN);
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The paper's baseline: each neuron's score is its activation at the mask.
@@ -240,6 +453,8 @@ pub fn activation_scores<F: Real>(pass: &dyn PromptPass<F>, gold: usize) -> Prom
             })
             .collect(),
         completeness: Vec::new(),
+        points: 0,
+        error_estimate: None,
     }
 }
 
@@ -258,7 +473,40 @@ mod tests {
         assert!((integral(Rule::Left, 20) - 0.225625).abs() < 1e-15);
         assert!((integral(Rule::Midpoint, 20) - (0.25 - 3.125e-4)).abs() < 1e-15);
         assert!(integral(Rule::Left, 20) < 0.25 && integral(Rule::Right, 20) > 0.25);
-        for rule in [Rule::Left, Rule::Right, Rule::Midpoint, Rule::Gauss] {
+        // Kronrod 15 is exact to degree 22, its embedded Gauss 7 to degree 13 only, on any
+        // interval: ∫_a^b x^k dx.
+        let (a, b) = (0.25, 0.75);
+        let exact = |k: i32| (b.powi(k + 1) - a.powi(k + 1)) / f64::from(k + 1);
+        let sums = |k: i32| {
+            kronrod_nodes(a, b)
+                .iter()
+                .fold((0.0, 0.0), |(kr, g), &(x, wk, wg)| {
+                    (kr + wk * x.powi(k), g + wg * x.powi(k))
+                })
+        };
+        for k in [0, 5, 13, 22] {
+            let (kronrod, gauss) = sums(k);
+            assert!((kronrod - exact(k)).abs() < 1e-15, "degree {k}");
+            if k <= 13 {
+                assert!((gauss - exact(k)).abs() < 1e-15, "degree {k}");
+            }
+        }
+        let (kronrod, gauss) = sums(16);
+        assert!((kronrod - exact(16)).abs() < 1e-15 && (gauss - exact(16)).abs() > 1e-12);
+        assert_eq!(
+            kronrod_nodes(0.0, 1.0)
+                .iter()
+                .filter(|n| n.2 != 0.0)
+                .count(),
+            7
+        );
+        for rule in [
+            Rule::Left,
+            Rule::Right,
+            Rule::Midpoint,
+            Rule::Gauss,
+            Rule::GaussKronrod,
+        ] {
             let total: f64 = rule.nodes(13).iter().map(|&(_, c)| c).sum();
             assert!((total - 1.0).abs() < 1e-13, "{rule}");
         }

@@ -50,6 +50,7 @@ impl AttributeOptions {
                 steps: 20,
                 rule: Rule::Left,
                 chunk: None,
+                tolerance: None,
             },
             threshold: match method {
                 Method::IntegratedGradients => 0.2,
@@ -75,6 +76,7 @@ impl AttributeOptions {
             method: self.method,
             steps: ig.then_some(self.ig.steps),
             rule: ig.then_some(self.ig.rule),
+            tolerance: self.ig.tolerance.filter(|_| ig),
             threshold: self.threshold,
             share: self.share,
             min_prompts: self.min_prompts,
@@ -188,6 +190,8 @@ impl Attributor {
                 kept,
                 completeness: attribution.completeness,
                 completeness_error,
+                points: attribution.error_estimate.map(|_| attribution.points),
+                error_estimate: attribution.error_estimate,
             });
         }
         Ok(FactRecord {

@@ -69,6 +69,10 @@ pub struct Params {
     /// IG quadrature rule (absent for the activation method).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rule: Option<Rule>,
+    /// Gauss–Kronrod: the bound on every score's integration error, as a fraction of
+    /// the prompt's `P(gold)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tolerance: Option<f64>,
     /// Coarse threshold t: keep `score ≥ t · max`.
     pub threshold: f64,
     /// Refinement share p.
@@ -159,6 +163,15 @@ pub struct PromptRecord {
     /// Largest relative completeness error over the layers (integrated gradients only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub completeness_error: Option<f64>,
+    /// Gauss–Kronrod: integration points evaluated, summed over the layers (a fixed rule
+    /// evaluates `steps` × layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub points: Option<usize>,
+    /// Gauss–Kronrod: the largest estimated error of a score, as a fraction of
+    /// `gold_probability` (at most `tolerance` unless an interval could not be halved
+    /// further).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_estimate: Option<f64>,
 }
 
 /// One output line of `kn attribute`.

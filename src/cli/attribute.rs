@@ -41,9 +41,15 @@ pub(super) struct AttributeArgs {
     /// Integrated-gradients points m.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
     steps: u64,
-    /// Quadrature rule: left (the released code), right (the paper's formula), midpoint, gauss.
-    #[arg(long, default_value = "left")]
-    rule: Rule,
+    /// Quadrature rule: left (the released code), right (the paper's formula), midpoint,
+    /// gauss, gauss-kronrod (adaptive to --tolerance; --steps is not used) [default: left].
+    #[arg(long)]
+    rule: Option<Rule>,
+    /// The accurate mode: adaptive Gauss–Kronrod per prompt and layer (implies
+    /// --rule gauss-kronrod), adding points until every score's estimated integration
+    /// error is below this fraction of the prompt's P(gold) [gauss-kronrod's default: 1e-3].
+    #[arg(long, value_name = "FRACTION")]
+    tolerance: Option<f64>,
     /// Coarse threshold t: keep neurons with score ≥ t × the prompt's max
     /// [default: 0.2 for ig, 0.5 for activation].
     #[arg(long)]
@@ -86,10 +92,26 @@ impl AttributeArgs {
             MethodArg::Activation => Method::Activation,
         };
         let mut options = AttributeOptions::paper(method);
+        let rule = match (self.tolerance, self.rule) {
+            (Some(t), _) if !(t > 0.0 && t < 1.0) => {
+                bail!("--tolerance must be between 0 and 1 (exclusive), not {t}")
+            }
+            (Some(_), None | Some(Rule::GaussKronrod)) => Rule::GaussKronrod,
+            (Some(_), Some(other)) => {
+                bail!("--tolerance is for --rule gauss-kronrod (its adaptive points), not {other}")
+            }
+            (None, rule) => rule.unwrap_or(Rule::Left),
+        };
+        let kronrod = rule == Rule::GaussKronrod;
         options.ig = IgOptions {
-            steps: self.steps as usize,
-            rule: self.rule,
+            // Gauss–Kronrod's points per interval, as recorded.
+            steps: if kronrod { 15 } else { self.steps as usize },
+            rule,
             chunk: self.chunk.map(|c| c as usize),
+            tolerance: kronrod.then(|| {
+                self.tolerance
+                    .unwrap_or(crate::attribution::ig::DEFAULT_TOLERANCE)
+            }),
         };
         if let Some(t) = self.threshold {
             options.threshold = t;

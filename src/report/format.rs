@@ -303,6 +303,11 @@ pub fn markdown(report: &Report) -> String {
     let mut s = String::new();
     let p = &report.params;
     let method = match (p.steps, p.rule) {
+        (_, Some(rule @ crate::attribution::ig::Rule::GaussKronrod)) => format!(
+            "integrated gradients ({rule}, tolerance {})",
+            p.tolerance
+                .unwrap_or(crate::attribution::ig::DEFAULT_TOLERANCE)
+        ),
         (Some(steps), Some(rule)) => format!("integrated gradients ({steps} steps, {rule} rule)"),
         _ => "activation (the paper's baseline)".to_string(),
     };

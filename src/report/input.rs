@@ -365,6 +365,7 @@ mod tests {
             method: crate::attribution::record::Method::IntegratedGradients,
             steps: Some(20),
             rule: None,
+            tolerance: None,
             threshold: 0.2,
             share,
             min_prompts: 3,
