@@ -21,6 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::engine::{PromptPass, Real};
+use crate::error::{Error, Result};
 
 /// A quadrature rule on [0, 1] for the IG integral.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,6 +117,9 @@ pub struct IgOptions {
     /// activations within [`CACHE_BUDGET`]. Bounds memory; results do not depend on it
     /// beyond rounding.
     pub chunk: Option<usize>,
+    /// Bytes of cached activations a batch may take when `chunk` is `None`; `None`:
+    /// [`CACHE_BUDGET`] (the CPU's). A GPU's is its memory (`--gpu-memory`).
+    pub budget: Option<usize>,
 }
 
 /// Bytes of cached activations a batch of integration points may take when the batch
@@ -160,11 +164,14 @@ pub struct PromptAttribution {
 }
 
 /// Integrated gradients of every neuron of every layer for one prompt.
+///
+/// A batch the device has no memory for ([`Error::OutOfMemory`]) is redone in halves,
+/// down to one point; the scores do not depend on the batch size beyond rounding.
 pub fn integrated_gradients<F: Real>(
     pass: &dyn PromptPass<F>,
     gold: usize,
     options: &IgOptions,
-) -> PromptAttribution {
+) -> Result<PromptAttribution> {
     let p1 = pass.probabilities()[gold].to_f64().unwrap_or(f64::NAN);
     let mut points = options.rule.nodes(options.steps);
     // P(0) for the completeness check: a point of weight 0 unless the rule has α = 0.
@@ -178,15 +185,25 @@ pub fn integrated_gradients<F: Real>(
     let mut gradient_sums = vec![vec![0f64; width]; layers.len()];
     let mut p0 = vec![f64::NAN; layers.len()];
     // Equal batches, as few as the size limit allows.
+    let budget = options.budget.unwrap_or(CACHE_BUDGET);
     let limit = options
         .chunk
-        .unwrap_or_else(|| CACHE_BUDGET / pass.cache_bytes_per_point())
+        .unwrap_or_else(|| budget / pass.cache_bytes_per_point().max(1))
         .max(1);
-    let size = points.len().div_ceil(points.len().div_ceil(limit));
-    for chunk in points.chunks(size) {
+    let mut size = points.len().div_ceil(points.len().div_ceil(limit));
+    let mut start = 0;
+    while start < points.len() {
+        let chunk = &points[start..(start + size).min(points.len())];
         let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
         // All layers at once: the engine stacks them (see `Engine::gradients`).
-        let results = pass.gradients(&layers, &alphas, gold);
+        let results = match pass.gradients(&layers, &alphas, gold) {
+            Ok(results) => results,
+            Err(Error::OutOfMemory { .. }) if size > 1 => {
+                size = size.div_ceil(2);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for (layer, result) in results.iter().enumerate() {
             for (b, &(alpha, weight)) in chunk.iter().enumerate() {
                 if alpha == 0.0 {
@@ -198,6 +215,7 @@ pub fn integrated_gradients<F: Real>(
                 }
             }
         }
+        start += chunk.len();
     }
     let (scores, completeness) = layers
         .iter()
@@ -218,11 +236,11 @@ pub fn integrated_gradients<F: Real>(
             )
         })
         .unzip();
-    PromptAttribution {
+    Ok(PromptAttribution {
         gold_probability: p1,
         scores,
         completeness,
-    }
+    })
 }
 
 /// The paper's baseline: each neuron's score is its activation at the mask.
@@ -246,6 +264,92 @@ pub fn activation_scores<F: Real>(pass: &dyn PromptPass<F>, gold: usize) -> Prom
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::engine::{Engine, LayerGradients};
+
+    /// A pass whose device holds at most `fits` points per batch.
+    struct Small<'a> {
+        inner: Box<dyn PromptPass<f64> + 'a>,
+        fits: usize,
+        batches: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl PromptPass<f64> for Small<'_> {
+        fn neurons(&self) -> &[Vec<f64>] {
+            self.inner.neurons()
+        }
+        fn probabilities(&self) -> &[f64] {
+            self.inner.probabilities()
+        }
+        fn cache_bytes_per_point(&self) -> usize {
+            self.inner.cache_bytes_per_point()
+        }
+        fn gradients(
+            &self,
+            layers: &[usize],
+            alphas: &[f64],
+            gold: usize,
+        ) -> Result<Vec<LayerGradients<f64>>> {
+            self.batches.lock().unwrap().push(alphas.len());
+            if alphas.len() > self.fits {
+                return Err(Error::OutOfMemory {
+                    device: "test".into(),
+                    reason: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+                });
+            }
+            self.inner.gradients(layers, alphas, gold)
+        }
+    }
+
+    /// Out of memory, a batch is redone in halves: the scores equal those of batches of
+    /// the size that fits; when one point does not fit, the error comes out.
+    #[test]
+    fn out_of_memory_halves_the_batch() {
+        use crate::model::load::model_from_tensors;
+        use crate::model::random::{random_tensors, tiny_config, Layout};
+        use candle_core::{DType, Device};
+        let cfg = tiny_config(18, 16, 3, 24);
+        let tensors = random_tensors(&cfg, Layout::default(), 5, 0.5).unwrap();
+        let model = model_from_tensors(
+            tensors,
+            &cfg,
+            DType::F64,
+            &Device::Cpu,
+            std::path::Path::new("tiny"),
+        )
+        .unwrap();
+        let engine = Engine::<f64>::from_model(crate::model::LanguageModel::Bert(model)).unwrap();
+        let ids = [2, 5, 6, 7, 4, 13, 9, 3];
+        let options = |chunk| IgOptions {
+            steps: 20,
+            rule: Rule::Left,
+            chunk,
+            budget: None,
+        };
+        let small = Small {
+            inner: engine.prepare(&ids, 4).unwrap(),
+            fits: 2,
+            batches: Default::default(),
+        };
+        let halved = integrated_gradients(&small, 10, &options(Some(20))).unwrap();
+        assert_eq!(
+            small.batches.lock().unwrap()[..6],
+            [20, 10, 5, 3, 2, 2],
+            "20 points: 20, 10, 5 and 3 fail, then batches of 2"
+        );
+        let pass = engine.prepare(&ids, 4).unwrap();
+        let twos = integrated_gradients(pass.as_ref(), 10, &options(Some(2))).unwrap();
+        assert_eq!(halved.scores, twos.scores);
+        assert!(halved.scores.iter().flatten().any(|&s| s != 0.0));
+        let none = Small {
+            inner: engine.prepare(&ids, 4).unwrap(),
+            fits: 0,
+            batches: Default::default(),
+        };
+        assert!(matches!(
+            integrated_gradients(&none, 10, &options(None)),
+            Err(Error::OutOfMemory { .. })
+        ));
+    }
 
     #[test]
     fn rules_integrate_polynomials_as_expected() {
