@@ -57,11 +57,11 @@ fn refined(record: &FactRecord) -> BTreeSet<(usize, usize)> {
 }
 
 /// f32 records of both engines: the same coarse sets on every prompt and the same
-/// refined set; the top-50 stored scores, and the completeness sums, within 1e-5 of the
-/// prompt's largest score. (Per neuron, f32 itself is only that good: against the f64
-/// engines, the flat f32 engine's top-50 scores are off by up to 4e-5 of themselves on
-/// the tiny decoders, the tensor engine's by up to 2e-5.)
-fn compare_records(name: &str, lm: &LoadedModel, fact: &Fact) {
+/// refined set; the top-50 stored scores, and the completeness sums, within `of_max` of
+/// the prompt's largest score. (Per neuron, f32 itself is only about that good: against
+/// the f64 engines, the flat f32 engine's top-50 scores are off by up to 4e-5 of
+/// themselves on the tiny decoders, the tensor engine's by up to 2e-5.)
+fn compare_records(name: &str, lm: &LoadedModel, fact: &Fact, of_max: f64) {
     let flat = attributor(lm, EngineChoice::Flat, Precision::F32);
     let tensor = attributor(lm, EngineChoice::Tensor, Precision::F32);
     let (a, b) = (
@@ -89,13 +89,13 @@ fn compare_records(name: &str, lm: &LoadedModel, fact: &Fact) {
         for &(l, i, s) in theirs.iter().take(50) {
             let t = ours.get(&(l, i)).copied().unwrap_or(0.0);
             assert!(
-                (t - s).abs() <= 1e-5 * max,
+                (t - s).abs() <= of_max * max,
                 "{name} {l}:{i}: tensor {t} vs flat {s} (max {max})"
             );
         }
         for (c, d) in p.completeness.iter().zip(&q.completeness) {
             assert!(
-                (c.sum - d.sum).abs() <= 1e-5 * max.max(d.sum.abs()),
+                (c.sum - d.sum).abs() <= of_max * max.max(d.sum.abs()),
                 "{name} completeness layer {}: {} vs {}",
                 c.layer,
                 c.sum,
@@ -165,7 +165,11 @@ fn antiberty_golden_fact() {
             .collect(),
     };
     let lm = load(&common::antiberty());
-    compare_records("antiberty", &lm, &fact);
+    // 8 layers of f32 over 122-token prompts, P(gold) ≈ 0.99 (small gradients): the two
+    // engines' f32 roundings differ by up to 2e-5 of the max here (measured 1.95e-5 on the
+    // max itself), each engine within 5e-5 of the float64 PyTorch reference
+    // (attribute_golden.rs, scripts/gpu-check).
+    compare_records("antiberty", &lm, &fact, 5e-5);
     // f64 on the CPU is slow at AntiBERTy's 120-token prompts: one prompt.
     compare_f64_scores("antiberty", &lm, &fact, 1);
 }
@@ -213,7 +217,7 @@ fn tiny_models_of_every_architecture() {
     }
     for (name, path, fact) in cases {
         let lm = load(&path);
-        compare_records(&name, &lm, &fact);
+        compare_records(&name, &lm, &fact, 1e-5);
         compare_f64_scores(&name, &lm, &fact, fact.prompts.len());
     }
 }
