@@ -91,6 +91,18 @@ pub enum Error {
     #[error("{0}")]
     Device(String),
 
+    /// The device ran out of memory even for the smallest batch.
+    #[error(
+        "out of {device} memory: {reason}; lower --gpu-memory, or pass --chunk with fewer \
+         integration points per batch (down to --chunk 1)"
+    )]
+    OutOfMemory {
+        /// `cuda` (or `cpu`).
+        device: String,
+        /// What the device said.
+        reason: String,
+    },
+
     /// A tokenizer error.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

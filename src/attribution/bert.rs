@@ -719,8 +719,13 @@ impl<F: Real> PromptPass<F> for BertPass<'_, F> {
         self.engine.cache_bytes_per_point(self.base.seq)
     }
 
-    fn gradients(&self, layers: &[usize], alphas: &[F], gold: usize) -> Vec<LayerGradients<F>> {
-        self.engine.gradients(&self.base, layers, alphas, gold)
+    fn gradients(
+        &self,
+        layers: &[usize],
+        alphas: &[F],
+        gold: usize,
+    ) -> Result<Vec<LayerGradients<F>>> {
+        Ok(self.engine.gradients(&self.base, layers, alphas, gold))
     }
 }
 

@@ -688,11 +688,23 @@ impl<F: Real> PromptPass<F> for DecoderPass<'_, F> {
         (row_layers * row + n * 2 * e.vocab) * std::mem::size_of::<F>()
     }
 
+    fn gradients(
+        &self,
+        layers: &[usize],
+        alphas: &[F],
+        gold: usize,
+    ) -> Result<Vec<LayerGradients<F>>> {
+        // The inherent method below (the flat engine cannot fail).
+        Ok(DecoderPass::gradients(self, layers, alphas, gold))
+    }
+}
+
+impl<F: Real> DecoderPass<'_, F> {
     /// Each layer L is a *group* of `B` rows (one per α): the last position's output
     /// of layer L, `residual + down(α·w)`. The groups go up the model stacked, one row
     /// each through the layers above, and come down the same way; a group leaves the
     /// stack at the layer it entered, its gradient taken into its own neurons.
-    fn gradients(&self, layers: &[usize], alphas: &[F], gold: usize) -> Vec<LayerGradients<F>> {
+    pub fn gradients(&self, layers: &[usize], alphas: &[F], gold: usize) -> Vec<LayerGradients<F>> {
         assert!(
             layers.windows(2).all(|w| w[0] < w[1]),
             "layers ascending, distinct"

@@ -3,6 +3,8 @@
 //! passes reuse, and those passes' gradients with respect to the neurons. Each
 //! architecture's engine is in its own file ([`super::bert`]: BERT; [`super::decoder`]:
 //! the causal decoders, Llama and GPT-2), on the shared kernels of [`super::kernels`].
+//! The device-generic engine of [`super::tensor`] (what runs on CUDA) implements the
+//! same [`PromptPass`] in candle ops.
 
 use crate::error::Result;
 use crate::model::LanguageModel;
@@ -31,8 +33,14 @@ pub trait PromptPass<F: Real>: Sync {
     fn cache_bytes_per_point(&self) -> usize;
     /// For each layer of `layers` (ascending, distinct) and each `alphas[b]`: the gold
     /// probability when that layer's neurons at the answer position are replaced by
-    /// `alphas[b] · w`, and its gradient with respect to the replaced neurons.
-    fn gradients(&self, layers: &[usize], alphas: &[F], gold: usize) -> Vec<LayerGradients<F>>;
+    /// `alphas[b] · w`, and its gradient with respect to the replaced neurons. An error is
+    /// the device's ([`crate::error::Error::OutOfMemory`]: the batch was too large).
+    fn gradients(
+        &self,
+        layers: &[usize],
+        alphas: &[F],
+        gold: usize,
+    ) -> Result<Vec<LayerGradients<F>>>;
 }
 
 /// An attribution engine of any architecture: the weights as flat buffers.

@@ -21,6 +21,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::engine::{PromptPass, Real};
+use crate::error::{Error, Result};
 
 /// A quadrature rule on [0, 1] for the IG integral.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -181,6 +182,9 @@ pub struct IgOptions {
     /// [`Rule::GaussKronrod`] only: every score's estimated integration error stays
     /// below `tolerance × P(gold)` (see [`integrated_gradients`]).
     pub tolerance: Option<f64>,
+    /// Bytes of cached activations a batch may take when `chunk` is `None`; `None`:
+    /// [`CACHE_BUDGET`] (the CPU's). A GPU's is its memory (`--gpu-memory`).
+    pub budget: Option<usize>,
 }
 
 /// Gauss–Kronrod halves an interval at most this many times (16 intervals, 240 points
@@ -248,19 +252,20 @@ pub fn integrated_gradients<F: Real>(
     pass: &dyn PromptPass<F>,
     gold: usize,
     options: &IgOptions,
-) -> PromptAttribution {
+) -> Result<PromptAttribution> {
     let p1 = pass.probabilities()[gold].to_f64().unwrap_or(f64::NAN);
     let neurons = pass.neurons();
+    let budget = options.budget.unwrap_or(CACHE_BUDGET);
     let limit = options
         .chunk
-        .unwrap_or_else(|| CACHE_BUDGET / pass.cache_bytes_per_point())
+        .unwrap_or_else(|| budget / pass.cache_bytes_per_point().max(1))
         .max(1);
     let integrals = match options.rule {
         Rule::GaussKronrod => {
             let tolerance = options.tolerance.unwrap_or(DEFAULT_TOLERANCE) * p1;
-            gauss_kronrod(pass, gold, tolerance, limit)
+            gauss_kronrod(pass, gold, tolerance, limit)?
         }
-        rule => fixed_rule(pass, gold, &rule.nodes(options.steps), limit),
+        rule => fixed_rule(pass, gold, &rule.nodes(options.steps), limit)?,
     };
     let (scores, completeness) = neurons
         .iter()
@@ -282,13 +287,13 @@ pub fn integrated_gradients<F: Real>(
             )
         })
         .unzip();
-    PromptAttribution {
+    Ok(PromptAttribution {
         gold_probability: p1,
         scores,
         completeness,
         points: integrals.points,
         error_estimate: integrals.error.map(|e| e / p1),
-    }
+    })
 }
 
 /// `∫₀¹ ∂P(α·w)/∂w dα` per layer, as a rule computed it.
@@ -309,20 +314,20 @@ fn fixed_rule<F: Real>(
     gold: usize,
     nodes: &[(f64, f64)],
     limit: usize,
-) -> Integrals {
+) -> Result<Integrals> {
     let layers: Vec<usize> = (0..pass.neurons().len()).collect();
     let mut weighted: Vec<(f64, [f64; 2])> = nodes.iter().map(|&(a, c)| (a, [c, 0.0])).collect();
     // P(0) for the completeness check: a point of weight 0 unless the rule has α = 0.
     if !nodes.iter().any(|&(alpha, _)| alpha == 0.0) {
         weighted.push((0.0, [0.0, 0.0]));
     }
-    let [gradients, _] = weighted_gradients(pass, &layers, &weighted, gold, limit);
-    Integrals {
+    let [gradients, _] = weighted_gradients(pass, &layers, &weighted, gold, limit)?;
+    Ok(Integrals {
         gradients: gradients.sums,
         p0: gradients.p0,
         points: nodes.len() * layers.len(),
         error: None,
-    }
+    })
 }
 
 /// Adaptive Gauss–Kronrod per layer (see [`integrated_gradients`]); `tolerance` is
@@ -332,7 +337,7 @@ fn gauss_kronrod<F: Real>(
     gold: usize,
     tolerance: f64,
     limit: usize,
-) -> Integrals {
+) -> Result<Integrals> {
     let neurons = pass.neurons();
     let width = neurons[0].len();
     let mut out = Integrals {
@@ -355,7 +360,7 @@ fn gauss_kronrod<F: Real>(
             if halvings == 0 {
                 nodes.push((0.0, [0.0, 0.0]));
             }
-            let [kronrod, gauss] = weighted_gradients(pass, &layers, &nodes, gold, limit);
+            let [kronrod, gauss] = weighted_gradients(pass, &layers, &nodes, gold, limit)?;
             out.points += 15 * layers.len();
             let mut halve = Vec::new();
             for (i, &layer) in layers.iter().enumerate() {
@@ -388,7 +393,7 @@ fn gauss_kronrod<F: Real>(
         }
     }
     out.error = Some(error.into_iter().fold(0.0, f64::max));
-    out
+    Ok(out)
 }
 
 /// Per weight set: the weighted gradient sums of `layers` (in their order) and `P(0)`
@@ -400,24 +405,34 @@ struct WeightedSums {
 
 /// `Σ_k c_k ∂P(α_k·w)/∂w` for two weight sets `c` over the same nodes, for `layers`,
 /// in equal batches of at most `limit` points, all layers of a batch at once (the
-/// engine stacks them; see `Engine::gradients`).
+/// engine stacks them; see `Engine::gradients`); a batch out of device memory is
+/// redone in halves.
 fn weighted_gradients<F: Real>(
     pass: &dyn PromptPass<F>,
     layers: &[usize],
     nodes: &[(f64, [f64; 2])],
     gold: usize,
     limit: usize,
-) -> [WeightedSums; 2] {
+) -> Result<[WeightedSums; 2]> {
     let width = pass.neurons()[0].len();
     let empty = || WeightedSums {
         sums: vec![vec![0f64; width]; layers.len()],
         p0: vec![f64::NAN; layers.len()],
     };
     let mut out = [empty(), empty()];
-    let size = nodes.len().div_ceil(nodes.len().div_ceil(limit));
-    for chunk in nodes.chunks(size) {
+    let mut size = nodes.len().div_ceil(nodes.len().div_ceil(limit));
+    let mut start = 0;
+    while start < nodes.len() {
+        let chunk = &nodes[start..(start + size).min(nodes.len())];
         let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
-        let results = pass.gradients(layers, &alphas, gold);
+        let results = match pass.gradients(layers, &alphas, gold) {
+            Ok(results) => results,
+            Err(Error::OutOfMemory { .. }) if size > 1 => {
+                size = size.div_ceil(2);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for (i, result) in results.iter().enumerate() {
             for (b, &(alpha, weights)) in chunk.iter().enumerate() {
                 let row = &result.gradients[b * width..(b + 1) * width];
@@ -434,8 +449,9 @@ fn weighted_gradients<F: Real>(
                 }
             }
         }
+        start += chunk.len();
     }
-    out
+    Ok(out)
 }
 
 /// The paper's baseline: each neuron's score is its activation at the mask.
@@ -461,6 +477,94 @@ pub fn activation_scores<F: Real>(pass: &dyn PromptPass<F>, gold: usize) -> Prom
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::attribution::engine::{Engine, LayerGradients};
+
+    /// A pass whose device holds at most `fits` points per batch.
+    struct Small<'a> {
+        inner: Box<dyn PromptPass<f64> + 'a>,
+        fits: usize,
+        batches: std::sync::Mutex<Vec<usize>>,
+    }
+
+    impl PromptPass<f64> for Small<'_> {
+        fn neurons(&self) -> &[Vec<f64>] {
+            self.inner.neurons()
+        }
+        fn probabilities(&self) -> &[f64] {
+            self.inner.probabilities()
+        }
+        fn cache_bytes_per_point(&self) -> usize {
+            self.inner.cache_bytes_per_point()
+        }
+        fn gradients(
+            &self,
+            layers: &[usize],
+            alphas: &[f64],
+            gold: usize,
+        ) -> Result<Vec<LayerGradients<f64>>> {
+            self.batches.lock().unwrap().push(alphas.len());
+            if alphas.len() > self.fits {
+                return Err(Error::OutOfMemory {
+                    device: "test".into(),
+                    reason: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+                });
+            }
+            self.inner.gradients(layers, alphas, gold)
+        }
+    }
+
+    /// Out of memory, a batch is redone in halves: the scores equal those of batches of
+    /// the size that fits; when one point does not fit, the error comes out.
+    #[test]
+    fn out_of_memory_halves_the_batch() {
+        use crate::model::load::model_from_tensors;
+        use crate::model::random::{random_tensors, tiny_config, Layout};
+        use candle_core::{DType, Device};
+        let cfg = tiny_config(18, 16, 3, 24);
+        let tensors = random_tensors(&cfg, Layout::default(), 5, 0.5).unwrap();
+        let model = model_from_tensors(
+            tensors,
+            &cfg,
+            DType::F64,
+            &Device::Cpu,
+            std::path::Path::new("tiny"),
+        )
+        .unwrap();
+        let engine = Engine::<f64>::from_model(crate::model::LanguageModel::Bert(model)).unwrap();
+        let ids = [2, 5, 6, 7, 4, 13, 9, 3];
+        let options = |chunk| IgOptions {
+            steps: 20,
+            rule: Rule::Left,
+            chunk,
+            tolerance: None,
+            budget: None,
+        };
+        let small = Small {
+            inner: engine.prepare(&ids, 4).unwrap(),
+            fits: 2,
+            batches: Default::default(),
+        };
+        let halved = integrated_gradients(&small, 10, &options(Some(20))).unwrap();
+        assert_eq!(
+            small.batches.lock().unwrap()[..6],
+            [20, 10, 5, 3, 2, 2],
+            "20 points: 20, 10, 5 and 3 fail, then batches of 2"
+        );
+        let pass = engine.prepare(&ids, 4).unwrap();
+        let twos = integrated_gradients(pass.as_ref(), 10, &options(Some(2))).unwrap();
+        assert_eq!(halved.scores, twos.scores);
+        assert!(halved.scores.iter().flatten().any(|&s| s != 0.0));
+        let none = Small {
+            inner: engine.prepare(&ids, 4).unwrap(),
+            fits: 0,
+            batches: Default::default(),
+        };
+        assert!(matches!(
+            integrated_gradients(&none, 10, &options(None)),
+            Err(Error::OutOfMemory { .. })
+        ));
+    }
+
 
     #[test]
     fn rules_integrate_polynomials_as_expected() {
@@ -475,7 +579,7 @@ mod tests {
         assert!(integral(Rule::Left, 20) < 0.25 && integral(Rule::Right, 20) > 0.25);
         // Kronrod 15 is exact to degree 22, its embedded Gauss 7 to degree 13 only, on any
         // interval: ∫_a^b x^k dx.
-        let (a, b) = (0.25, 0.75);
+        let (a, b): (f64, f64) = (0.25, 0.75);
         let exact = |k: i32| (b.powi(k + 1) - a.powi(k + 1)) / f64::from(k + 1);
         let sums = |k: i32| {
             kronrod_nodes(a, b)

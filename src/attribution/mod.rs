@@ -12,6 +12,7 @@ pub mod refine;
 pub mod run;
 pub mod select;
 mod simd;
+pub mod tensor;
 
 use crate::error::{Error, Result};
 use crate::model::tokenizer::{EncodedPrompt, MaskTokenizer};
@@ -20,6 +21,7 @@ use engine::Engine;
 use ig::{IgOptions, Rule};
 use record::{FactRecord, Method, ModelInfo, Params, Precision, PromptRecord};
 use select::{above, max_score, refine, split_at_threshold};
+use tensor::TensorEngine;
 
 /// Everything that decides what `kn attribute` computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,6 +40,35 @@ pub struct AttributeOptions {
     pub keep: f64,
     /// The engine's float type.
     pub precision: Precision,
+    /// Which engine computes the gradients.
+    pub engine: EngineChoice,
+}
+
+/// Which attribution engine to run (`--engine`). Both give the same scores to rounding
+/// (tested to 1e-10 in f64); they differ in where they run fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EngineChoice {
+    /// The tensor engine on a CUDA device, the flat engine on the CPU.
+    #[default]
+    Auto,
+    /// The flat engine ([`engine::Engine`]): plain buffers, kn's own CPU kernels; the
+    /// faster one on a CPU.
+    Flat,
+    /// The tensor engine ([`tensor::TensorEngine`]): candle ops on the model's device.
+    Tensor,
+}
+
+impl std::str::FromStr for EngineChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "flat" => Ok(Self::Flat),
+            "tensor" => Ok(Self::Tensor),
+            _ => Err(format!("unknown engine {s:?} (auto, flat, tensor)")),
+        }
+    }
 }
 
 impl AttributeOptions {
@@ -51,6 +82,7 @@ impl AttributeOptions {
                 rule: Rule::Left,
                 chunk: None,
                 tolerance: None,
+                budget: None,
             },
             threshold: match method {
                 Method::IntegratedGradients => 0.2,
@@ -60,6 +92,7 @@ impl AttributeOptions {
             min_prompts: 3,
             keep: 0.1,
             precision: Precision::F32,
+            engine: EngineChoice::Auto,
         }
     }
 
@@ -100,10 +133,12 @@ pub struct Fact {
     pub prompts: Vec<String>,
 }
 
-/// The engine in the float type asked for.
+/// The engine and float type asked for.
 enum Engines {
     F32(Engine<f32>),
     F64(Engine<f64>),
+    TensorF32(TensorEngine<f32>),
+    TensorF64(TensorEngine<f64>),
 }
 
 /// Attributes facts with one loaded model.
@@ -127,12 +162,19 @@ impl Attributor {
             model,
             ..
         } = lm;
+        let tensor = match options.engine {
+            EngineChoice::Auto => model.device().is_cuda(),
+            EngineChoice::Flat => false,
+            EngineChoice::Tensor => true,
+        };
         Ok(Self {
             tokenizer,
             max_positions: config.max_position_embeddings,
-            engine: match options.precision {
-                Precision::F32 => Engines::F32(Engine::from_model(model)?),
-                Precision::F64 => Engines::F64(Engine::from_model(model)?),
+            engine: match (tensor, options.precision) {
+                (false, Precision::F32) => Engines::F32(Engine::from_model(model)?),
+                (false, Precision::F64) => Engines::F64(Engine::from_model(model)?),
+                (true, Precision::F32) => Engines::TensorF32(TensorEngine::from_model(model)?),
+                (true, Precision::F64) => Engines::TensorF64(TensorEngine::from_model(model)?),
             },
             options,
             model_info,
@@ -142,6 +184,14 @@ impl Attributor {
     /// The model as recorded in the output.
     pub fn model_info(&self) -> &ModelInfo {
         &self.model_info
+    }
+
+    /// The engine that runs: `flat` or `tensor`.
+    pub fn engine_name(&self) -> &'static str {
+        match self.engine {
+            Engines::F32(_) | Engines::F64(_) => "flat",
+            Engines::TensorF32(_) | Engines::TensorF64(_) => "tensor",
+        }
     }
 
     /// The options in use.
@@ -216,25 +266,24 @@ impl Attributor {
 
     fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
         match &self.engine {
-            Engines::F32(engine) => self.scores_with(engine, ids, mask, answer_id),
-            Engines::F64(engine) => self.scores_with(engine, ids, mask, answer_id),
+            Engines::F32(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
+            Engines::F64(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
+            Engines::TensorF32(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
+            Engines::TensorF64(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
         }
     }
 
     fn scores_with<F: engine::Real>(
         &self,
-        engine: &Engine<F>,
-        ids: &[u32],
-        mask: usize,
+        pass: Box<dyn engine::PromptPass<F> + '_>,
         answer_id: u32,
     ) -> Result<ig::PromptAttribution> {
-        let pass = engine.prepare(ids, mask)?;
-        Ok(match self.options.method {
+        match self.options.method {
             Method::IntegratedGradients => {
                 ig::integrated_gradients(pass.as_ref(), answer_id as usize, &self.options.ig)
             }
-            Method::Activation => ig::activation_scores(pass.as_ref(), answer_id as usize),
-        })
+            Method::Activation => Ok(ig::activation_scores(pass.as_ref(), answer_id as usize)),
+        }
     }
 
     /// Tokenizes a prompt and checks it against the model and the answer.

@@ -14,7 +14,7 @@ use crate::attribution::refine::{reselect, Reselect};
 use crate::attribution::run::{
     count_pending, prepare_resume, run_attribute, Progress, RunOptions, Shard,
 };
-use crate::attribution::{AttributeOptions, Attributor};
+use crate::attribution::{AttributeOptions, Attributor, EngineChoice};
 use crate::data::{JsonlInput, JsonlWriter};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -71,6 +71,16 @@ pub(super) struct AttributeArgs {
     /// agree with a float64 reference to ~1e-8 rather than ~1e-4).
     #[arg(long, default_value = "f32", value_name = "f32|f64")]
     precision: Precision,
+    /// Attribution engine: auto (tensor on CUDA, flat on the CPU), flat (kn's CPU
+    /// kernels, the faster there), or tensor (candle ops on the device: what runs on a
+    /// GPU, to check a GPU run against the CPU on your own facts).
+    #[arg(long, default_value = "auto", value_name = "auto|flat|tensor")]
+    engine: EngineChoice,
+    /// Device memory in MiB the tensor engine's batches of integration points may take
+    /// (default on CUDA: 8192; elsewhere the CPU's 160). Out of memory, a batch is redone
+    /// in halves.
+    #[arg(long, value_name = "MiB", value_parser = clap::value_parser!(u64).range(1..))]
+    gpu_memory: Option<u64>,
     /// Append to an existing --out, skipping facts already there (same parameters only).
     #[arg(long)]
     resume: bool,
@@ -112,7 +122,9 @@ impl AttributeArgs {
                 self.tolerance
                     .unwrap_or(crate::attribution::ig::DEFAULT_TOLERANCE)
             }),
+            budget: self.gpu_memory.map(|m| (m as usize) << 20),
         };
+        options.engine = self.engine;
         if let Some(t) = self.threshold {
             options.threshold = t;
         }
@@ -132,6 +144,11 @@ impl AttributeArgs {
         Ok(options)
     }
 }
+
+/// The tensor engine's batch budget on a CUDA device when `--gpu-memory` is not given:
+/// fits any GPU kn is likely to meet (16 GB and up) beside bert-base's or a 1B decoder's
+/// weights; a batch that does not fit is redone in halves.
+const DEFAULT_GPU_MEMORY_MIB: usize = 8192;
 
 /// An indicatif bar on stderr, drawn only on a terminal.
 struct Bar(ProgressBar);
@@ -173,7 +190,30 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     }
     let input = JsonlInput::open(&args.fact)?;
     let lm = args.model.load()?;
+    let cuda = lm.model.device().is_cuda();
+    let mut options = options;
+    let tensor = match options.engine {
+        EngineChoice::Auto => cuda,
+        EngineChoice::Flat => false,
+        EngineChoice::Tensor => true,
+    };
+    if !tensor && args.gpu_memory.is_some() {
+        bail!("--gpu-memory sizes the tensor engine's batches; the flat engine runs here (--engine tensor to use it)");
+    }
+    if tensor && cuda && options.ig.budget.is_none() {
+        options.ig.budget = Some(DEFAULT_GPU_MEMORY_MIB << 20);
+    }
     let attributor = Attributor::new(lm, options)?;
+    if !args.model.quiet {
+        eprintln!(
+            "kn: {} engine, {}",
+            attributor.engine_name(),
+            match attributor.options().precision {
+                Precision::F32 => "f32",
+                Precision::F64 => "f64",
+            }
+        );
+    }
     let mut run_options = RunOptions {
         shard: args.shard,
         fail_fast: args.fail_fast,

@@ -60,13 +60,13 @@ impl DeviceChoice {
     pub fn open(self) -> Result<Device> {
         match self {
             Self::Cpu => Ok(Device::Cpu),
-            Self::Auto => {
-                if cfg!(feature = "cuda") {
-                    Ok(Device::cuda_if_available(0)?)
-                } else {
-                    Ok(Device::Cpu)
-                }
-            }
+            // candle's `cuda_if_available` only asks whether the build has CUDA; a CUDA
+            // build on a host without a GPU falls back to the CPU here.
+            Self::Auto => Ok(if cfg!(feature = "cuda") {
+                Device::new_cuda(0).unwrap_or(Device::Cpu)
+            } else {
+                Device::Cpu
+            }),
             Self::Cuda(n) => {
                 if !cfg!(feature = "cuda") {
                     return Err(Error::Device(format!(
@@ -74,9 +74,53 @@ impl DeviceChoice {
                          rebuild with `cargo build --release --features cuda`"
                     )));
                 }
-                Device::new_cuda(n)
-                    .map_err(|e| Error::Device(format!("cannot open CUDA device {n}: {e}")))
+                Device::new_cuda(n).map_err(|e| {
+                    let text = e.to_string();
+                    let why = explain_cuda_error(&text)
+                        .map(|why| format!(": {why}"))
+                        .unwrap_or_default();
+                    Error::Device(format!("cannot open CUDA device {n} ({text}){why}"))
+                })
             }
         }
     }
+}
+
+/// What a CUDA error code means for someone running kn, when kn knows: the driver
+/// library is the link-time stub, there is no GPU, the driver is too old, the kernels
+/// were built for another GPU generation.
+pub fn explain_cuda_error(message: &str) -> Option<&'static str> {
+    const KNOWN: &[(&str, &str)] = &[
+        (
+            "CUDA_ERROR_STUB_LIBRARY",
+            "the libcuda.so.1 loaded is the link-time stub, not an NVIDIA driver: this host \
+             has no NVIDIA driver (kn's CUDA build needs one for CUDA 13, version 580 or \
+             newer), or a stub directory is on LD_LIBRARY_PATH ahead of the driver's",
+        ),
+        (
+            "CUDA_ERROR_NO_DEVICE",
+            "the NVIDIA driver sees no GPU (see nvidia-smi, and CUDA_VISIBLE_DEVICES)",
+        ),
+        (
+            "CUDA_ERROR_INVALID_DEVICE",
+            "there is no CUDA device of that number (nvidia-smi -L lists them)",
+        ),
+        (
+            "CUDA_ERROR_INSUFFICIENT_DRIVER",
+            "the NVIDIA driver is older than CUDA 13 needs (version 580 or newer)",
+        ),
+        (
+            "CUDA_ERROR_UNSUPPORTED_PTX_VERSION",
+            "the NVIDIA driver is older than CUDA 13 needs (version 580 or newer)",
+        ),
+        (
+            "CUDA_ERROR_NO_BINARY_FOR_GPU",
+            "this kn's kernels were compiled for another GPU generation: rebuild with \
+             CUDA_COMPUTE_CAP set to this GPU's (nvidia-smi --query-gpu=compute_cap)",
+        ),
+    ];
+    KNOWN
+        .iter()
+        .find(|(code, _)| message.contains(code))
+        .map(|&(_, why)| why)
 }

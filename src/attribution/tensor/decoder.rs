@@ -1,0 +1,607 @@
+//! The causal decoders' engine in candle tensors (Llama family, GPT-2): the one-row
+//! algorithm of [`crate::attribution::decoder`] — an integration point is one row
+//! through layers L+1…top, attending over the normal pass's cached keys and values plus
+//! its own, and its backward pass is one row too — in device-generic ops
+//! ([`super::ops`]). The layers' groups are stacked as there.
+//!
+//! Shapes: `R` rows, `S` prompt length, `H` hidden, `I` neurons, `V` vocabulary, `d`
+//! head width, `kv` key/value heads, each serving `group` query heads.
+
+use candle_core::{DType, Device, Tensor};
+
+use crate::attribution::engine::LayerGradients;
+use crate::attribution::kernels::Real;
+use crate::error::{Error, Result};
+use crate::model::config::Activation;
+use crate::model::gpt2::Gpt2;
+use crate::model::llama::{rotary_tables, Llama};
+use crate::model::nn::most_negative;
+
+use super::ops::{activate, gold_probability_gradient, push_rows, scaled, softmax, Dense, Norm};
+use super::ops::{NormCache, Ops};
+
+/// One decoder layer.
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Norm,
+    query: Dense,
+    key: Dense,
+    value: Dense,
+    attn_out: Dense,
+    ffn_norm: Norm,
+    /// SwiGLU's gate (Llama); `None` for GPT-2's plain FFN.
+    gate: Option<Dense>,
+    up: Dense,
+    down: Dense,
+}
+
+/// A causal decoder's weights on a device.
+#[derive(Debug, Clone)]
+pub struct DecoderTensorEngine {
+    layers: Vec<Layer>,
+    final_norm: Norm,
+    /// `[V, H]`
+    embeddings: Tensor,
+    /// Learned positions `[P, H]` (GPT-2); `None` with rotary positions.
+    positions: Option<Tensor>,
+    /// `[V, H]`: the embeddings when tied.
+    head: Tensor,
+    activation: Activation,
+    rope_theta: Option<f64>,
+    max_positions: usize,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    intermediate: usize,
+    vocab: usize,
+    dtype: DType,
+}
+
+/// What a one-row layer's backward needs.
+struct RowCache {
+    attn_norm: NormCache,
+    /// Rotated queries `[kv, R·group, d]`, own keys and values `[kv, R·group, d]`
+    /// (repeated over the group).
+    q: Tensor,
+    own_k: Tensor,
+    own_v: Tensor,
+    /// `[kv, R·group, S]`: the cached positions, then the row's own.
+    probs: Tensor,
+    /// The FFN: the activation's slope, and SwiGLU's `silu(gate)` and `up`.
+    slope: Tensor,
+    gated: Option<(Tensor, Tensor)>,
+    ffn_norm: NormCache,
+}
+
+/// A causal prompt's normal pass, kept on the device.
+pub struct DecoderTensorPass<'a, F> {
+    engine: &'a DecoderTensorEngine,
+    seq: usize,
+    /// `cos`, `sin` of the last position `[1, 1, d]` (rotary positions only).
+    rotary: Option<(Tensor, Tensor)>,
+    /// `keys[l]`, `values[l]`: layer `l`'s (rotated) keys and values of the positions
+    /// before the last, `[kv, S − 1, d]`.
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    /// `residuals[l]`: after layer `l`'s attention, at the last position, `[1, H]`.
+    residuals: Vec<Tensor>,
+    device_neurons: Vec<Tensor>,
+    neurons: Vec<Vec<F>>,
+    probabilities: Vec<F>,
+}
+
+impl DecoderTensorEngine {
+    /// Takes a Llama-family model's weights.
+    pub fn from_llama(model: Llama, dtype: DType) -> Result<Self> {
+        let layers = model
+            .layers
+            .iter()
+            .map(|l| {
+                let a = &l.self_attn;
+                Ok(Layer {
+                    attn_norm: Norm::rms(&l.input_layernorm, dtype)?,
+                    query: Dense::new(&a.q_proj, dtype)?,
+                    key: Dense::new(&a.k_proj, dtype)?,
+                    value: Dense::new(&a.v_proj, dtype)?,
+                    attn_out: Dense::new(&a.o_proj, dtype)?,
+                    ffn_norm: Norm::rms(&l.post_attention_layernorm, dtype)?,
+                    gate: Some(Dense::new(&l.mlp.gate_proj, dtype)?),
+                    up: Dense::new(&l.mlp.up_proj, dtype)?,
+                    down: Dense::new(&l.mlp.down_proj, dtype)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let c = &model.config;
+        Ok(Self {
+            layers,
+            final_norm: Norm::rms(&model.norm, dtype)?,
+            embeddings: model.embed_tokens.to_dtype(dtype)?,
+            positions: None,
+            head: model.lm_head.to_dtype(dtype)?.contiguous()?,
+            activation: Activation::Silu,
+            rope_theta: Some(c.rope_theta),
+            max_positions: c.max_position_embeddings,
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim(),
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            dtype,
+        })
+    }
+
+    /// Takes a GPT-2 model's weights (its fused `c_attn` split into q, k, v).
+    pub fn from_gpt2(model: Gpt2, dtype: DType) -> Result<Self> {
+        let c = model.config.clone();
+        let h = c.hidden_size;
+        let layers = model
+            .blocks
+            .iter()
+            .map(|b| {
+                let part = |n: usize| -> Result<Dense> {
+                    let bias = b
+                        .c_attn
+                        .bias
+                        .as_ref()
+                        .map(|t| t.narrow(0, n * h, h))
+                        .transpose()?;
+                    Dense::from_parts(&b.c_attn.weight.narrow(0, n * h, h)?, bias.as_ref(), dtype)
+                };
+                Ok(Layer {
+                    attn_norm: Norm::layer(&b.ln_1, dtype)?,
+                    query: part(0)?,
+                    key: part(1)?,
+                    value: part(2)?,
+                    attn_out: Dense::new(&b.attn_proj, dtype)?,
+                    ffn_norm: Norm::layer(&b.ln_2, dtype)?,
+                    gate: None,
+                    up: Dense::new(&b.c_fc, dtype)?,
+                    down: Dense::new(&b.c_proj, dtype)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            layers,
+            final_norm: Norm::layer(&model.ln_f, dtype)?,
+            embeddings: model.wte.to_dtype(dtype)?,
+            positions: Some(model.wpe.to_dtype(dtype)?),
+            head: model.lm_head.to_dtype(dtype)?.contiguous()?,
+            activation: c.activation(),
+            rope_theta: None,
+            max_positions: c.max_position_embeddings,
+            hidden: c.hidden_size,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_attention_heads,
+            head_dim: h / c.num_attention_heads,
+            intermediate: c.intermediate_size,
+            vocab: c.vocab_size,
+            dtype,
+        })
+    }
+
+    /// Number of layers.
+    pub fn layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Neurons per layer.
+    pub fn intermediate(&self) -> usize {
+        self.intermediate
+    }
+
+    fn device(&self) -> &Device {
+        self.embeddings.device()
+    }
+
+    fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+
+    /// The normal pass of a prompt's token ids, read at `position` (its last token).
+    pub fn prepare<F: Real>(
+        &self,
+        ids: &[u32],
+        position: usize,
+    ) -> Result<DecoderTensorPass<'_, F>> {
+        if ids.is_empty() || position + 1 != ids.len() {
+            return Err(Error::Prompt(format!(
+                "a causal model reads the answer after the last prompt token ({}), not at {position}",
+                ids.len().saturating_sub(1)
+            )));
+        }
+        if ids.len() > self.max_positions {
+            return Err(Error::Prompt(format!(
+                "prompt is {} tokens long; the model takes at most {}",
+                ids.len(),
+                self.max_positions
+            )));
+        }
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
+            return Err(Error::Prompt(format!(
+                "token id {id} is outside the model's vocabulary of {}",
+                self.vocab
+            )));
+        }
+        Ok(self.base_forward(ids)?)
+    }
+
+    /// `cos`, `sin` `[S, d]` of every position (rotary positions only).
+    fn rotary(&self, seq: usize) -> Ops<Option<(Tensor, Tensor)>> {
+        let Some(theta) = self.rope_theta else {
+            return Ok(None);
+        };
+        let d = self.head_dim;
+        let (cos, sin) = rotary_tables(seq, d, theta);
+        let table =
+            |t: Vec<f64>| Tensor::from_vec(t, (seq, d), self.device())?.to_dtype(self.dtype);
+        Ok(Some((table(cos)?, table(sin)?)))
+    }
+
+    /// The whole prompt, keeping each layer's keys and values and, at the last position,
+    /// the residual after attention and the neurons.
+    fn base_forward<F: Real>(&self, ids: &[u32]) -> Ops<DecoderTensorPass<'_, F>> {
+        let seq = ids.len();
+        let last = seq - 1;
+        let (d, heads, kv) = (self.head_dim, self.heads, self.kv_heads);
+        let index = Tensor::new(ids, self.device())?;
+        let mut x = self.embeddings.index_select(&index, 0)?;
+        if let Some(p) = &self.positions {
+            x = (x + p.narrow(0, 0, seq)?)?;
+        }
+        let rotary = self.rotary(seq)?;
+        // Key j is hidden from query i > j: an additive bias that gives it weight 0.
+        let mut bias = vec![0f64; seq * seq];
+        for i in 0..seq {
+            for j in i + 1..seq {
+                bias[i * seq + j] = most_negative(self.dtype);
+            }
+        }
+        let bias = Tensor::from_vec(bias, (1, seq, seq), self.device())?.to_dtype(self.dtype)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let (mut keys, mut values, mut residuals, mut device_neurons) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for layer in &self.layers {
+            let (normed, _) = layer.attn_norm.forward(&x)?;
+            // [S, n·d] → [n, S, d]
+            let heads_of = |t: Tensor, n: usize| t.reshape((seq, n, d))?.transpose(0, 1);
+            let mut q = heads_of(layer.query.forward(&normed)?, heads)?;
+            let mut k = heads_of(layer.key.forward(&normed)?, kv)?;
+            let v = heads_of(layer.value.forward(&normed)?, kv)?.contiguous()?;
+            if let Some((cos, sin)) = &rotary {
+                q = rope(&q, cos, sin)?;
+                k = rope(&k, cos, sin)?;
+            }
+            let k = k.contiguous()?;
+            // Query head j uses key/value head j / group: [kv, group·S, d] against [kv, S, d].
+            let qg = q.contiguous()?.reshape((kv, self.group() * seq, d))?;
+            let scores = (qg.matmul(&k.t()?)? * scale)?
+                .reshape((heads, seq, seq))?
+                .broadcast_add(&bias)?;
+            let probs = softmax(&scores)?.reshape((kv, self.group() * seq, seq))?;
+            let context = probs
+                .matmul(&v)?
+                .reshape((heads, seq, d))?
+                .transpose(0, 1)?
+                .reshape((seq, heads * d))?;
+            let residual = (layer.attn_out.forward(&context)? + &x)?;
+            let (neurons, _) = self.ffn(layer, &residual)?;
+            x = (layer.down.forward(&neurons)? + &residual)?;
+            residuals.push(residual.narrow(0, last, 1)?);
+            device_neurons.push(neurons.narrow(0, last, 1)?);
+            keys.push(k.narrow(1, 0, last)?.contiguous()?);
+            values.push(v.narrow(1, 0, last)?.contiguous()?);
+        }
+        let (probabilities, _) = self.head_forward(&x.narrow(0, last, 1)?)?;
+        let rotary = rotary
+            .map(|(cos, sin)| -> Ops<_> {
+                Ok((
+                    cos.narrow(0, last, 1)?.unsqueeze(0)?,
+                    sin.narrow(0, last, 1)?.unsqueeze(0)?,
+                ))
+            })
+            .transpose()?;
+        let host = |t: &Tensor| F::from_tensor(t).map_err(into_candle);
+        Ok(DecoderTensorPass {
+            engine: self,
+            seq,
+            rotary,
+            keys,
+            values,
+            residuals,
+            neurons: device_neurons.iter().map(&host).collect::<Ops<_>>()?,
+            probabilities: host(&probabilities)?,
+            device_neurons,
+        })
+    }
+
+    /// The FFN's neurons of `x [R, H]`, and (slope, SwiGLU's parts, norm cache).
+    #[allow(clippy::type_complexity)]
+    fn ffn(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+    ) -> Ops<(Tensor, (Tensor, Option<(Tensor, Tensor)>, NormCache))> {
+        let (normed, norm) = layer.ffn_norm.forward(x)?;
+        let up = layer.up.forward(&normed)?;
+        Ok(match &layer.gate {
+            Some(gate) => {
+                let (silu, slope) = activate(self.activation, &gate.forward(&normed)?)?;
+                ((&silu * &up)?, (slope, Some((silu, up)), norm))
+            }
+            None => {
+                let (neurons, slope) = activate(self.activation, &up)?;
+                (neurons, (slope, None, norm))
+            }
+        })
+    }
+
+    /// Final norm, head and softmax on rows `[R, H]`.
+    fn head_forward(&self, x: &Tensor) -> Ops<(Tensor, NormCache)> {
+        let (normed, norm) = self.final_norm.forward(x)?;
+        Ok((softmax(&normed.matmul(&self.head.t()?)?)?, norm))
+    }
+}
+
+/// `x·cos + rotate_half(x)·sin` on `[.., d]`, `rotate_half(x) = [−x₂, x₁]`.
+fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Ops<Tensor> {
+    let last = x.rank() - 1;
+    let d = x.dim(last)?;
+    let (first, second) = (x.narrow(last, 0, d / 2)?, x.narrow(last, d / 2, d / 2)?);
+    let rotated = Tensor::cat(&[&second.neg()?, &first], last)?;
+    x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?
+}
+
+/// The transpose of [`rope`] (a rotation's inverse): `dy·cos + Rᵀ(dy·sin)`,
+/// `Rᵀ(z) = [z₂, −z₁]`; it carries a gradient back through the rotation.
+fn rope_back(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Ops<Tensor> {
+    let last = dy.rank() - 1;
+    let d = dy.dim(last)?;
+    let z = dy.broadcast_mul(sin)?;
+    let (first, second) = (z.narrow(last, 0, d / 2)?, z.narrow(last, d / 2, d / 2)?);
+    let back = Tensor::cat(&[&second, &first.neg()?], last)?;
+    dy.broadcast_mul(cos)? + back
+}
+
+impl<F: Real> DecoderTensorPass<'_, F> {
+    /// `[R, n·d]` with `n = heads` → `[kv, R·group, d]` (query head j with kv head
+    /// j / group).
+    fn grouped(&self, x: &Tensor) -> Ops<Tensor> {
+        let e = self.engine;
+        let r = x.dim(0)?;
+        x.reshape((r, e.kv_heads, e.group(), e.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((e.kv_heads, r * e.group(), e.head_dim))
+    }
+
+    /// The inverse of [`Self::grouped`].
+    fn ungrouped(&self, x: &Tensor) -> Ops<Tensor> {
+        let e = self.engine;
+        let r = x.dim(1)? / e.group();
+        x.reshape((e.kv_heads, r, e.group(), e.head_dim))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((r, e.heads * e.head_dim))
+    }
+
+    /// `[R, kv·d]` → `[kv, R·group, d]`, each row repeated for its group's queries.
+    fn repeated(&self, x: &Tensor) -> Ops<Tensor> {
+        let e = self.engine;
+        let r = x.dim(0)?;
+        let (kv, g, d) = (e.kv_heads, e.group(), e.head_dim);
+        x.reshape((r, kv, 1, d))?
+            .broadcast_as((r, kv, g, d))?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv, r * g, d))
+    }
+
+    /// `[kv, R·group, d]` summed over each group → `[R, kv·d]` (the transpose of
+    /// [`Self::repeated`]).
+    fn group_sum(&self, x: &Tensor) -> Ops<Tensor> {
+        let e = self.engine;
+        let (kv, g, d) = (e.kv_heads, e.group(), e.head_dim);
+        let r = x.dim(1)? / g;
+        x.reshape((kv, r, g, d))?
+            .sum(2)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((r, kv * d))
+    }
+
+    /// Layer `depth` on one-row sequences `x [R, H]` at the last position.
+    fn row_forward(&self, depth: usize, x: &Tensor) -> Ops<(Tensor, RowCache)> {
+        let e = self.engine;
+        let layer = &e.layers[depth];
+        let d = e.head_dim;
+        let scale = 1.0 / (d as f64).sqrt();
+        let r = x.dim(0)?;
+        let (normed, attn_norm) = layer.attn_norm.forward(x)?;
+        let mut q = layer.query.forward(&normed)?.reshape((r, e.heads, d))?;
+        let mut k = layer.key.forward(&normed)?.reshape((r, e.kv_heads, d))?;
+        if let Some((cos, sin)) = &self.rotary {
+            q = rope(&q, cos, sin)?;
+            k = rope(&k, cos, sin)?;
+        }
+        let q = self.grouped(&q.reshape((r, e.heads * d))?)?;
+        let own_k = self.repeated(&k.reshape((r, e.kv_heads * d))?)?;
+        let own_v = self.repeated(&layer.value.forward(&normed)?)?;
+        let own_score = (&q * &own_k)?.sum_keepdim(2)?;
+        let scores = if self.seq > 1 {
+            Tensor::cat(&[&q.matmul(&self.keys[depth].t()?)?, &own_score], 2)?
+        } else {
+            own_score
+        };
+        let probs = softmax(&(scores * scale)?)?;
+        let last = self.seq - 1;
+        let mut context = probs.narrow(2, last, 1)?.broadcast_mul(&own_v)?;
+        if last > 0 {
+            let cached = probs.narrow(2, 0, last)?.contiguous()?;
+            context = (context + cached.matmul(&self.values[depth])?)?;
+        }
+        let residual = (layer.attn_out.forward(&self.ungrouped(&context)?)? + x)?;
+        let (neurons, (slope, gated, ffn_norm)) = e.ffn(layer, &residual)?;
+        let out = (layer.down.forward(&neurons)? + &residual)?;
+        let cache = RowCache {
+            attn_norm,
+            q,
+            own_k,
+            own_v,
+            probs,
+            slope,
+            gated,
+            ffn_norm,
+        };
+        Ok((out, cache))
+    }
+
+    /// The gradient of layer `depth`'s input rows from its output rows' `d_out [R, H]`.
+    fn row_backward(&self, depth: usize, cache: &RowCache, d_out: &Tensor) -> Ops<Tensor> {
+        let e = self.engine;
+        let layer = &e.layers[depth];
+        let d = e.head_dim;
+        let scale = 1.0 / (d as f64).sqrt();
+        let last = self.seq - 1;
+        // FFN: d_residual = d_out + norm'(d_normed), d_normed from the neurons' gradient.
+        let d_neurons = layer.down.backward_input(d_out)?;
+        let d_normed = match (&layer.gate, &cache.gated) {
+            (Some(gate), Some((silu, up))) => {
+                // n = silu(g) ⊙ u: dg = dn ⊙ u ⊙ silu'(g), du = dn ⊙ silu(g).
+                let d_gate = ((&d_neurons * up)? * &cache.slope)?;
+                let d_up = (&d_neurons * silu)?;
+                (gate.backward_input(&d_gate)? + layer.up.backward_input(&d_up)?)?
+            }
+            _ => layer.up.backward_input(&(&d_neurons * &cache.slope)?)?,
+        };
+        let d_residual = (layer.ffn_norm.backward(&d_normed, &cache.ffn_norm)? + d_out)?;
+        // Attention: the row's query, own key and own value; the cached ones are constants.
+        let d_context = self.grouped(&layer.attn_out.backward_input(&d_residual)?)?;
+        let own_dp = (&d_context * &cache.own_v)?.sum_keepdim(2)?;
+        let d_probs = if last > 0 {
+            Tensor::cat(&[&d_context.matmul(&self.values[depth].t()?)?, &own_dp], 2)?
+        } else {
+            own_dp
+        };
+        let p_own = cache.probs.narrow(2, last, 1)?;
+        let d_v = self.group_sum(&p_own.broadcast_mul(&d_context)?)?;
+        let weighted = (&cache.probs * &d_probs)?.sum_keepdim(2)?;
+        let d_scores = ((&cache.probs * d_probs.broadcast_sub(&weighted)?)? * scale)?;
+        let ds_own = d_scores.narrow(2, last, 1)?;
+        let mut d_q = ds_own.broadcast_mul(&cache.own_k)?;
+        if last > 0 {
+            let cached = d_scores.narrow(2, 0, last)?.contiguous()?;
+            d_q = (d_q + cached.matmul(&self.keys[depth])?)?;
+        }
+        let mut d_q = self.ungrouped(&d_q)?;
+        let mut d_k = self.group_sum(&ds_own.broadcast_mul(&cache.q)?)?;
+        if let Some((cos, sin)) = &self.rotary {
+            let r = d_q.dim(0)?;
+            d_q = rope_back(&d_q.reshape((r, e.heads, d))?, cos, sin)?.reshape((r, e.heads * d))?;
+            d_k = rope_back(&d_k.reshape((r, e.kv_heads, d))?, cos, sin)?
+                .reshape((r, e.kv_heads * d))?;
+        }
+        let d_normed = ((layer.query.backward_input(&d_q)? + layer.key.backward_input(&d_k)?)?
+            + layer.value.backward_input(&d_v)?)?;
+        layer.attn_norm.backward(&d_normed, &cache.attn_norm)? + d_residual
+    }
+
+    /// Each layer L is a group of rows (one per α), `residual + down(α·w)` at the last
+    /// position; the groups go up stacked, one row each, and come down the same way.
+    pub(super) fn gradients(
+        &self,
+        layers: &[usize],
+        alphas: &[f64],
+        gold: usize,
+    ) -> Ops<Vec<LayerGradients<F>>> {
+        let e = self.engine;
+        let Some(&first) = layers.first() else {
+            return Ok(Vec::new());
+        };
+        let b = alphas.len();
+        let top = e.layers.len() - 1;
+        let group_of = |layer: usize| layers.iter().position(|&l| l == layer);
+        let own = layers
+            .iter()
+            .map(|&layer| {
+                let neurons = scaled(&self.device_neurons[layer], alphas)?;
+                e.layers[layer]
+                    .down
+                    .forward(&neurons)?
+                    .broadcast_add(&self.residuals[layer])
+            })
+            .collect::<Ops<Vec<_>>>()?;
+        let mut x: Option<Tensor> = None;
+        let mut caches = Vec::new();
+        for depth in first + 1..=top {
+            if let Some(g) = group_of(depth - 1) {
+                x = Some(push_rows(x, &own[g])?);
+            }
+            let input = x.take().expect("a group is stacked");
+            let (out, cache) = self.row_forward(depth, &input)?;
+            caches.push((depth, cache));
+            x = Some(out);
+        }
+        if let Some(g) = group_of(top) {
+            x = Some(push_rows(x, &own[g])?);
+        }
+        let rows = x.expect("at least one group");
+        let (probs, norm) = e.head_forward(&rows)?;
+        let (gold_p, d_logits) = gold_probability_gradient(&probs, gold)?;
+        drop(probs);
+        let mut d = e.final_norm.backward(&d_logits.matmul(&e.head)?, &norm)?;
+        drop(d_logits);
+        let own_backward =
+            |g: usize, d_rows: &Tensor| e.layers[layers[g]].down.backward_input(d_rows);
+        let mut d_own: Vec<Option<Tensor>> = vec![None; layers.len()];
+        if let Some(g) = group_of(top) {
+            d_own[g] = Some(own_backward(g, &d.narrow(0, g * b, b)?)?);
+            d = d.narrow(0, 0, g * b)?;
+        }
+        while let Some((depth, cache)) = caches.pop() {
+            d = self.row_backward(depth, &cache, &d)?;
+            drop(cache);
+            if let Some(g) = group_of(depth - 1) {
+                d_own[g] = Some(own_backward(g, &d.narrow(0, g * b, b)?)?);
+                d = d.narrow(0, 0, g * b)?;
+            }
+        }
+        let host = |t: &Tensor| F::from_tensor(t).map_err(into_candle);
+        let gold_p = host(&gold_p)?;
+        d_own
+            .into_iter()
+            .zip(gold_p.chunks(b))
+            .map(|(gradients, p)| {
+                Ok(LayerGradients {
+                    probabilities: p.to_vec(),
+                    gradients: host(&gradients.expect("every group left the stack"))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Bytes of device memory one integration point takes with all layers stacked: per
+    /// row and layer the norms, q, own k and v (repeated over the group), attention and
+    /// the FFN's four `[I]` vectors; the head's logits; twice, for the products' inputs.
+    pub(super) fn bytes_per_point(&self) -> usize {
+        let e = self.engine;
+        let n = e.layers.len();
+        let h = e.heads * e.head_dim;
+        let row = 2 * e.hidden + 3 * h + e.heads * self.seq + 4 * e.intermediate;
+        let row_layers = n * n.saturating_sub(1) / 2;
+        2 * (row_layers * row + n * 3 * e.vocab) * e.dtype.size_in_bytes()
+    }
+
+    /// The normal pass's neurons and probabilities on the host.
+    pub(super) fn host(&self) -> (&[Vec<F>], &[F]) {
+        (&self.neurons, &self.probabilities)
+    }
+}
+
+fn into_candle(e: Error) -> candle_core::Error {
+    match e {
+        Error::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    }
+}

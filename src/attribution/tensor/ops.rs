@@ -1,0 +1,192 @@
+//! The numeric kernels of the tensor engines ([`super::bert`], [`super::decoder`]), in
+//! candle ops that run on any device (cuBLAS products and candle's CUDA kernels on a GPU):
+//! dense layers and their input gradients, LayerNorm and RMSNorm with their backward
+//! passes, activations with their slopes, softmax and the gold probability's gradient.
+//! Every backward here is written by hand, so no gradient of a weight is ever formed
+//! (candle's autograd would form one for every product it goes through).
+//!
+//! Activations are 2-D `[rows, width]` throughout; weights keep PyTorch's `[out, in]`.
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::error::Result;
+use crate::model::config::Activation;
+use crate::model::nn::{LayerNorm, Linear, RmsNorm};
+
+/// candle's result, for the kernels' own use.
+pub(super) type Ops<T> = candle_core::Result<T>;
+
+/// A dense layer `y = x·Wᵀ + b` on the engine's device and dtype.
+#[derive(Debug, Clone)]
+pub(super) struct Dense {
+    /// `[out, in]`
+    weight: Tensor,
+    /// `[out]`
+    bias: Option<Tensor>,
+}
+
+impl Dense {
+    /// A model's layer in `dtype` (no copy when it is already in it).
+    pub(super) fn new(linear: &Linear, dtype: DType) -> Result<Self> {
+        Self::from_parts(&linear.weight, linear.bias.as_ref(), dtype)
+    }
+
+    /// A layer from its weight `[out, in]` and bias.
+    pub(super) fn from_parts(weight: &Tensor, bias: Option<&Tensor>, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: weight.to_dtype(dtype)?.contiguous()?,
+            bias: bias.map(|b| b.to_dtype(dtype)).transpose()?,
+        })
+    }
+
+    /// `[R, in]` → `[R, out]`.
+    pub(super) fn forward(&self, x: &Tensor) -> Ops<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// The input's gradient `[R, in]` from the output's `[R, out]`: `dy·W`.
+    pub(super) fn backward_input(&self, dy: &Tensor) -> Ops<Tensor> {
+        dy.matmul(&self.weight)
+    }
+}
+
+/// LayerNorm (with a bias) or RMSNorm over the last dimension.
+#[derive(Debug, Clone)]
+pub(super) struct Norm {
+    weight: Tensor,
+    /// `None`: RMSNorm (no centring, no bias).
+    bias: Option<Tensor>,
+    eps: f64,
+}
+
+/// What a norm's backward needs: the normalised input and `1/σ` per row.
+#[derive(Debug, Clone)]
+pub(super) struct NormCache {
+    xhat: Tensor,
+    /// `[R, 1]`
+    rstd: Tensor,
+}
+
+impl Norm {
+    /// A model's LayerNorm.
+    pub(super) fn layer(norm: &LayerNorm, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: norm.weight.to_dtype(dtype)?,
+            bias: Some(norm.bias.to_dtype(dtype)?),
+            eps: norm.eps,
+        })
+    }
+
+    /// A model's RMSNorm.
+    pub(super) fn rms(norm: &RmsNorm, dtype: DType) -> Result<Self> {
+        Ok(Self {
+            weight: norm.weight.to_dtype(dtype)?,
+            bias: None,
+            eps: norm.eps,
+        })
+    }
+
+    /// `[R, H]` → `[R, H]`, with the cache of its backward.
+    pub(super) fn forward(&self, x: &Tensor) -> Ops<(Tensor, NormCache)> {
+        let centred = match self.bias {
+            Some(_) => x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?,
+            None => x.clone(),
+        };
+        let variance = centred.sqr()?.mean_keepdim(D::Minus1)?;
+        let rstd = (variance + self.eps)?.sqrt()?.recip()?;
+        let xhat = centred.broadcast_mul(&rstd)?;
+        let mut y = xhat.broadcast_mul(&self.weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b)?;
+        }
+        Ok((y, NormCache { xhat, rstd }))
+    }
+
+    /// The input's gradient from the output's: `rstd · (g − mean(g) − x̂·mean(g⊙x̂))`
+    /// with `g = dy ⊙ weight` (RMSNorm: without `mean(g)`).
+    pub(super) fn backward(&self, dy: &Tensor, cache: &NormCache) -> Ops<Tensor> {
+        let g = dy.broadcast_mul(&self.weight)?;
+        let projection = (&g * &cache.xhat)?.mean_keepdim(D::Minus1)?;
+        let mut dx = (&g - cache.xhat.broadcast_mul(&projection)?)?;
+        if self.bias.is_some() {
+            dx = dx.broadcast_sub(&g.mean_keepdim(D::Minus1)?)?;
+        }
+        dx.broadcast_mul(&cache.rstd)
+    }
+}
+
+/// `f(pre)` and `f'(pre)`, elementwise (the formulas of `kernels::act` and `act_grad`).
+pub(super) fn activate(kind: Activation, pre: &Tensor) -> Ops<(Tensor, Tensor)> {
+    match kind {
+        Activation::GeluErf => {
+            let cdf = ((pre * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
+            let cdf = cdf?;
+            let pdf = (pre.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
+            Ok(((pre * &cdf)?, (&cdf + (pre * pdf?)?)?))
+        }
+        Activation::GeluTanh => {
+            let c = (2.0 / std::f64::consts::PI).sqrt();
+            let a = 0.044715;
+            let cube = pre.sqr()?.mul(pre)?;
+            let t = ((pre + (cube * a)?)? * c)?.tanh()?;
+            let one_plus = (&t + 1.0)?;
+            let value = ((pre * 0.5)? * &one_plus)?;
+            let inner = ((pre.sqr()? * (3.0 * a))? + 1.0)?;
+            let sech2 = (1.0 - t.sqr()?)?;
+            let slope = ((one_plus * 0.5)? + (((pre * 0.5)? * sech2)? * (inner * c)?)?)?;
+            Ok((value, slope))
+        }
+        Activation::Relu => Ok((pre.relu()?, pre.gt(0.0)?.to_dtype(pre.dtype())?)),
+        Activation::Silu => {
+            let sigmoid = (pre.neg()?.exp()? + 1.0)?.recip()?;
+            let value = (pre * &sigmoid)?;
+            let slope = (&sigmoid * ((pre * (1.0 - &sigmoid)?)? + 1.0)?)?;
+            Ok((value, slope))
+        }
+    }
+}
+
+/// Softmax over the last dimension (candle's fused kernel: nothing is differentiated
+/// through it here, the backward passes are written out).
+pub(super) fn softmax(x: &Tensor) -> Ops<Tensor> {
+    candle_nn::ops::softmax_last_dim(&x.contiguous()?)
+}
+
+/// From the probabilities `[R, V]`: `P_gold` per row `[R]`, and the gradient of `P_gold`
+/// with respect to the logits, `P_gold·(δ_gold − p)`, `[R, V]`.
+pub(super) fn gold_probability_gradient(probs: &Tensor, gold: usize) -> Ops<(Tensor, Tensor)> {
+    let v = probs.dim(1)?;
+    let p_gold = probs.narrow(1, gold, 1)?;
+    let mut onehot = vec![0f32; v];
+    onehot[gold] = 1.0;
+    let onehot = Tensor::from_vec(onehot, (1, v), probs.device())?.to_dtype(probs.dtype())?;
+    let d_logits = onehot.broadcast_sub(probs)?.broadcast_mul(&p_gold)?;
+    Ok((p_gold.flatten_all()?, d_logits))
+}
+
+/// `alphas[b] · w` for each b: `[B, I]` from `w [1, I]`.
+pub(super) fn scaled(w: &Tensor, alphas: &[f64]) -> Ops<Tensor> {
+    let alphas = Tensor::from_vec(alphas.to_vec(), (alphas.len(), 1), w.device())?;
+    alphas.to_dtype(w.dtype())?.broadcast_mul(w)
+}
+
+/// Rows of `x [R, H]` concatenated after `stack` (the first group starts it).
+pub(super) fn push_rows(stack: Option<Tensor>, x: &Tensor) -> Ops<Tensor> {
+    match stack {
+        Some(s) => Tensor::cat(&[&s, x], 0),
+        None => Ok(x.clone()),
+    }
+}
+
+/// The candle device of a model's tensor, named as kn names devices.
+pub(super) fn device_name(device: &Device) -> &'static str {
+    if device.is_cuda() {
+        "cuda"
+    } else {
+        "cpu"
+    }
+}
