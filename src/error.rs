@@ -19,6 +19,26 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// Writing an output record failed part-way (a full disk, a file system gone
+    /// read-only). The records before it are whole; the one in flight may be a partial
+    /// last line without its newline, which `--resume` and `kn merge` never count as done.
+    #[error(
+        "{}: cannot write record {record}: {source}; the {} record(s) before it are \
+         complete, and a partly written last line is not counted as done \
+         (`kn attribute --resume` drops it and redoes that fact)",
+        path.display(),
+        record - 1
+    )]
+    Write {
+        /// The output file (`-` for stdout).
+        path: PathBuf,
+        /// 1-based number of the record in this run's output.
+        record: usize,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// One line of a JSONL input is not valid.
     #[error("{}:{line}: {reason}", path.display())]
     Input {

@@ -7,6 +7,7 @@ pub mod decoder;
 pub mod engine;
 pub mod ig;
 pub mod kernels;
+pub mod merge;
 pub mod record;
 pub mod refine;
 pub mod run;

@@ -38,14 +38,19 @@ impl std::str::FromStr for Shard {
     type Err = String;
 
     fn from_str(s: &str) -> std::result::Result<Self, String> {
-        let bad = || format!("--shard {s:?}: expected K/N with 1 ≤ K ≤ N, e.g. 3/8");
+        let bad = || format!("{s:?}: expected K/N with 1 ≤ K ≤ N, e.g. 3/8");
         let (k, n) = s.split_once('/').ok_or_else(bad)?;
         let (index, count): (usize, usize) = (
             k.trim().parse().map_err(|_| bad())?,
             n.trim().parse().map_err(|_| bad())?,
         );
+        if count == 0 {
+            return Err(format!("{s:?}: N must be at least 1"));
+        }
         if index == 0 || index > count {
-            return Err(bad());
+            return Err(format!(
+                "{s:?}: shard {index} is out of range: K must be between 1 and N = {count}"
+            ));
         }
         Ok(Self { index, count })
     }

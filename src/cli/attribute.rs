@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{open_output, report, ModelArgs, Outcome};
+use super::{check_output, open_output, report, ModelArgs, Outcome};
 use crate::attribution::ig::{IgOptions, Rule};
 use crate::attribution::record::{FactRecord, Method, Precision};
 use crate::attribution::refine::{reselect, Reselect};
@@ -63,6 +63,10 @@ pub(super) struct AttributeArgs {
     /// Also store neurons down to keep × max, so `kn refine` can lower the threshold to it.
     #[arg(long, default_value_t = 0.1)]
     keep: f64,
+    /// Smaller records: no `kept` lists (keep = the threshold), about half the bytes;
+    /// `kn refine` can then raise the threshold but not lower it.
+    #[arg(long, conflicts_with = "keep")]
+    compact: bool,
     /// At most this many integration points per batch (default: as many as fit in
     /// 160 MiB of cached activations). Lower it to bound memory.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -130,7 +134,12 @@ impl AttributeArgs {
         }
         options.share = self.share;
         options.min_prompts = self.min_prompts;
-        options.keep = self.keep;
+        // Compact: nothing below the threshold is stored, and the records say so.
+        options.keep = if self.compact {
+            options.threshold
+        } else {
+            self.keep
+        };
         options.precision = self.precision;
         for (name, value) in [
             ("--threshold", options.threshold),
@@ -188,6 +197,11 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     if args.resume && args.out == Path::new("-") {
         bail!("--resume needs --out FILE (it cannot resume stdout)");
     }
+    if !args.resume && !args.force && args.out.exists() {
+        // Said before the model loads (minutes for a hub model), not after.
+        open_output(&args.out, false, false, true)?;
+    }
+    check_output(&args.out)?;
     let input = JsonlInput::open(&args.fact)?;
     let lm = args.model.load()?;
     let cuda = lm.model.device().is_cuda();

@@ -4,6 +4,8 @@
 
 mod attribute;
 mod edit;
+mod generate;
+mod merge;
 mod pararel;
 mod predict;
 mod probe;
@@ -51,6 +53,13 @@ enum Command {
     /// ParaRel's patterns and facts as kn fact JSONL: every fact with every pattern of
     /// its relation.
     Pararel(pararel::PararelArgs),
+    /// Merge the shards of one kn attribute run (--shard K/N outputs) into one file:
+    /// one model and one set of parameters, each fact once.
+    Merge(merge::MergeArgs),
+    /// Print a shell completion script (bash, zsh, fish) on stdout.
+    Completions(generate::CompletionsArgs),
+    /// Print kn's man page (roff) on stdout.
+    Man(generate::ManArgs),
 }
 
 /// Which model to load, and where to run it.
@@ -148,6 +157,36 @@ fn open_output(
     Ok(Box::new(file))
 }
 
+/// Refuses, before any long work (loading a model), an `--out` that cannot be written:
+/// its folder missing or not a folder, or the file not creatable there. A file created by
+/// the check is removed again.
+fn check_output(path: &Path) -> anyhow::Result<()> {
+    if path == Path::new("-") {
+        return Ok(());
+    }
+    let folder = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !folder.is_dir() {
+        bail!(
+            "{}: cannot write it: the folder {} does not exist (or is not a folder)",
+            path.display(),
+            folder.display()
+        );
+    }
+    let existed = path.exists();
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("{}: cannot open for writing", path.display()))?;
+    if !existed {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(())
+}
+
 /// Prints a per-line error as ripgrep does: once, prefixed, on stderr.
 fn report(error: &Error) {
     eprintln!("kn: {error}");
@@ -173,6 +212,9 @@ pub fn main() -> ExitCode {
         Command::Edit(args) => edit::run(args),
         Command::Report(args) => report::run(args),
         Command::Pararel(args) => pararel::run(args),
+        Command::Merge(args) => merge::run(args),
+        Command::Completions(args) => generate::completions(args),
+        Command::Man(args) => generate::man(args),
     };
     match outcome {
         Ok(Outcome::Clean) => ExitCode::SUCCESS,

@@ -7,20 +7,20 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use super::{open_output, Outcome};
-use crate::data::pararel::{convert, ConvertOptions, ParaRelDirs, Summary};
+use crate::data::pararel::{convert, BundledDir, ConvertOptions, DataDir, ParaRelDirs, Summary};
 use crate::data::JsonlWriter;
 use crate::model::{MaskTokenizer, ModelSource, TokenizerFiles};
 
 #[derive(Debug, Args)]
 pub(super) struct PararelArgs {
     /// ParaRel's patterns directory: one P<id>.jsonl per relation, lines {"pattern": "[X] … [Y] …"}
-    /// [default: the repository's data/pararel/patterns, where kn was built].
-    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/pararel/patterns"), hide_default_value = true)]
-    patterns: PathBuf,
+    /// [default: the copy built into kn, the repository's data/pararel/patterns].
+    #[arg(long, value_name = "DIR")]
+    patterns: Option<PathBuf>,
     /// ParaRel's facts directory: one P<id>.jsonl per relation, lines {"sub_label", "obj_label", "uuid"}
-    /// [default: the repository's data/pararel/facts, where kn was built].
-    #[arg(long, value_name = "DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/pararel/facts"), hide_default_value = true)]
-    facts: PathBuf,
+    /// [default: the copy built into kn, the repository's data/pararel/facts].
+    #[arg(long, value_name = "DIR")]
+    facts: Option<PathBuf>,
     /// Only these relations, comma-separated [default: every relation with both files].
     #[arg(long, value_delimiter = ',', value_name = "P36,P19")]
     relations: Vec<String>,
@@ -68,8 +68,8 @@ impl PararelArgs {
         }
         Ok(ConvertOptions {
             dirs: ParaRelDirs {
-                patterns: self.patterns.clone(),
-                facts: self.facts.clone(),
+                patterns: dir_or_bundled(&self.patterns, BundledDir::Patterns),
+                facts: dir_or_bundled(&self.facts, BundledDir::Facts),
             },
             relations: (!relations.is_empty()).then_some(relations),
             min_patterns: self.min_patterns,
@@ -78,6 +78,13 @@ impl PararelArgs {
             seed: self.seed.unwrap_or(0),
         })
     }
+}
+
+/// The directory given, or the copy of ParaRel built into kn.
+fn dir_or_bundled(given: &Option<PathBuf>, bundled: BundledDir) -> DataDir {
+    given
+        .clone()
+        .map_or(DataDir::Bundled(bundled), DataDir::Path)
 }
 
 pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {

@@ -144,6 +144,7 @@ impl Iterator for JsonlInput {
 pub struct JsonlWriter<W: Write> {
     out: W,
     path: PathBuf,
+    written: usize,
 }
 
 impl<W: Write> JsonlWriter<W> {
@@ -152,6 +153,7 @@ impl<W: Write> JsonlWriter<W> {
         Self {
             out,
             path: path.into(),
+            written: 0,
         }
     }
 
@@ -163,10 +165,18 @@ impl<W: Write> JsonlWriter<W> {
                 std::io::Error::new(std::io::ErrorKind::InvalidData, e),
             )
         })?;
+        // The newline goes last, in the same write: a record cut off by a full disk or a
+        // kill is a last line without newline, which readers know is not done.
         line.push(b'\n');
         self.out
             .write_all(&line)
             .and_then(|()| self.out.flush())
-            .map_err(|e| Error::io(self.path.clone(), e))
+            .map_err(|e| Error::Write {
+                path: self.path.clone(),
+                record: self.written + 1,
+                source: e,
+            })?;
+        self.written += 1;
+        Ok(())
     }
 }

@@ -106,38 +106,153 @@ pub fn fill(pattern: &str, subject: &str) -> String {
         .replacen(SUBJECT_SLOT, subject, 1)
 }
 
+/// The copy of ParaRel built into kn (`data/pararel` at build time, see `build.rs`).
+mod bundled {
+    include!(concat!(env!("OUT_DIR"), "/pararel_bundled.rs"));
+}
+
+/// One of ParaRel's two directories: on disk, or the copy built into kn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataDir {
+    /// A directory with one `P<id>.jsonl` per relation.
+    Path(PathBuf),
+    /// The repository's `data/pararel/patterns` or `data/pararel/facts`, built into the
+    /// binary, so that an installed `kn` needs no copy beside it.
+    Bundled(BundledDir),
+}
+
+/// Which bundled directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundledDir {
+    /// `data/pararel/patterns`.
+    Patterns,
+    /// `data/pararel/facts`.
+    Facts,
+}
+
+impl BundledDir {
+    fn files(self) -> &'static [(&'static str, &'static [u8])] {
+        match self {
+            Self::Patterns => bundled::PATTERNS,
+            Self::Facts => bundled::FACTS,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Patterns => "patterns",
+            Self::Facts => "facts",
+        }
+    }
+}
+
+impl DataDir {
+    /// The file of `relation`, as shown in messages (built-in files are named by their
+    /// place in the repository, marked as built in).
+    pub fn file(&self, relation: &str) -> PathBuf {
+        match self {
+            Self::Path(dir) => dir.join(format!("{relation}.jsonl")),
+            Self::Bundled(which) => PathBuf::from(format!(
+                "(built in) data/pararel/{}/{relation}.jsonl",
+                which.name()
+            )),
+        }
+    }
+
+    /// Whether `relation` has a file here.
+    pub fn has(&self, relation: &str) -> bool {
+        match self {
+            Self::Path(dir) => dir.join(format!("{relation}.jsonl")).is_file(),
+            Self::Bundled(which) => which.files().iter().any(|(name, _)| *name == relation),
+        }
+    }
+
+    /// Opens the file of `relation`.
+    pub fn open(&self, relation: &str) -> Result<JsonlInput> {
+        match self {
+            Self::Path(_) => JsonlInput::open(&self.file(relation)),
+            Self::Bundled(which) => {
+                let bytes = which
+                    .files()
+                    .iter()
+                    .find(|(name, _)| *name == relation)
+                    .map(|(_, bytes)| *bytes)
+                    .ok_or_else(|| {
+                        Error::io(
+                            self.file(relation),
+                            std::io::Error::from(std::io::ErrorKind::NotFound),
+                        )
+                    })?;
+                Ok(JsonlInput::from_reader(
+                    &self.file(relation),
+                    Box::new(std::io::Cursor::new(bytes)),
+                ))
+            }
+        }
+    }
+
+    /// The relations with a file here.
+    fn stems(&self) -> Result<HashSet<String>> {
+        match self {
+            Self::Path(dir) => jsonl_stems(dir),
+            Self::Bundled(which) => Ok(which
+                .files()
+                .iter()
+                .map(|(name, _)| name.to_string())
+                .collect()),
+        }
+    }
+}
+
+impl std::fmt::Display for DataDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Path(dir) => write!(f, "{}", dir.display()),
+            Self::Bundled(which) => write!(f, "(built in) data/pararel/{}", which.name()),
+        }
+    }
+}
+
 /// Where ParaRel is: the `patterns/` and `facts/` directories.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParaRelDirs {
     /// One `P<id>.jsonl` of patterns per relation.
-    pub patterns: PathBuf,
+    pub patterns: DataDir,
     /// One `P<id>.jsonl` of facts per relation.
-    pub facts: PathBuf,
+    pub facts: DataDir,
 }
 
 impl ParaRelDirs {
     /// `patterns/` and `facts/` under `root` (the layout of ParaRel's repository).
     pub fn under(root: &Path) -> Self {
         Self {
-            patterns: root.join("patterns"),
-            facts: root.join("facts"),
+            patterns: DataDir::Path(root.join("patterns")),
+            facts: DataDir::Path(root.join("facts")),
+        }
+    }
+
+    /// The copy built into kn: the repository's `data/pararel` when kn was built.
+    pub fn bundled() -> Self {
+        Self {
+            patterns: DataDir::Bundled(BundledDir::Patterns),
+            facts: DataDir::Bundled(BundledDir::Facts),
         }
     }
 
     /// The patterns file of `relation`.
     pub fn patterns_file(&self, relation: &str) -> PathBuf {
-        self.patterns.join(format!("{relation}.jsonl"))
+        self.patterns.file(relation)
     }
 
     /// The facts file of `relation`.
     pub fn facts_file(&self, relation: &str) -> PathBuf {
-        self.facts.join(format!("{relation}.jsonl"))
+        self.facts.file(relation)
     }
 
     /// Every relation with a file in either directory, in [`relation_order`].
     pub fn relations(&self) -> Result<Vec<String>> {
-        let mut names = jsonl_stems(&self.patterns)?;
-        names.extend(jsonl_stems(&self.facts)?);
+        let mut names = self.patterns.stems()?;
+        names.extend(self.facts.stems()?);
         let mut names: Vec<String> = names.into_iter().collect();
         names.sort_by_key(|name| relation_order(name));
         Ok(names)
@@ -187,8 +302,8 @@ pub struct Relation {
 impl Relation {
     /// Reads and checks both files of `name`.
     pub fn read(dirs: &ParaRelDirs, name: &str) -> Result<Self> {
-        let (patterns, duplicate_patterns) = read_patterns(&dirs.patterns_file(name))?;
-        let (facts, duplicate_facts) = read_facts(&dirs.facts_file(name))?;
+        let (patterns, duplicate_patterns) = patterns_of(dirs.patterns.open(name)?)?;
+        let (facts, duplicate_facts) = facts_of(dirs.facts.open(name)?)?;
         Ok(Self {
             name: name.to_string(),
             patterns,
@@ -218,7 +333,10 @@ impl Relation {
 /// The distinct patterns of a patterns file, trimmed, in file order, and how many lines
 /// repeated an earlier pattern.
 pub fn read_patterns(path: &Path) -> Result<(Vec<String>, usize)> {
-    let mut input = JsonlInput::open(path)?;
+    patterns_of(JsonlInput::open(path)?)
+}
+
+fn patterns_of(mut input: JsonlInput) -> Result<(Vec<String>, usize)> {
     let mut patterns: Vec<String> = Vec::new();
     let mut duplicates = 0;
     while let Some(item) = input.next() {
@@ -246,7 +364,10 @@ pub fn read_patterns(path: &Path) -> Result<(Vec<String>, usize)> {
 /// The distinct facts of a facts file, in file order, and how many lines repeated an
 /// earlier fact (same uuid, or same subject and object).
 pub fn read_facts(path: &Path) -> Result<(Vec<Triple>, usize)> {
-    let mut input = JsonlInput::open(path)?;
+    facts_of(JsonlInput::open(path)?)
+}
+
+fn facts_of(mut input: JsonlInput) -> Result<(Vec<Triple>, usize)> {
     let mut facts = Vec::new();
     let mut uuids = HashSet::new();
     let mut pairs = HashSet::new();
@@ -419,10 +540,10 @@ pub fn convert(options: &ConvertOptions, vocab: Option<&MaskTokenizer>) -> Resul
         Some(asked) => {
             let mut names: Vec<String> = Vec::new();
             for name in asked {
-                for file in [dirs.patterns_file(name), dirs.facts_file(name)] {
-                    if !file.is_file() {
+                for dir in [&dirs.patterns, &dirs.facts] {
+                    if !dir.has(name) {
                         return Err(Error::Data {
-                            path: file,
+                            path: dir.file(name),
                             reason: format!(
                                 "relation {name} was asked for, but this file is missing"
                             ),
@@ -457,10 +578,10 @@ fn convert_relation(
     out: &mut Vec<ParaRelFact>,
 ) -> Result<RelationOutcome> {
     let dirs = &options.dirs;
-    if !dirs.patterns_file(name).is_file() {
+    if !dirs.patterns.has(name) {
         return Ok(RelationOutcome::Dropped(DropReason::NoPatterns));
     }
-    if !dirs.facts_file(name).is_file() {
+    if !dirs.facts.has(name) {
         return Ok(RelationOutcome::Dropped(DropReason::NoFacts));
     }
     let mut relation = Relation::read(dirs, name)?;

@@ -142,7 +142,7 @@ pub fn differences(here: &Value, there: &Value) -> String {
 
 /// The parameters two shards of one run share. `kn refine --adaptive` chose the share
 /// per relation, so records of different relations legitimately differ in it.
-fn comparable_params(params: &Params) -> Value {
+pub fn comparable_params(params: &Params) -> Value {
     let mut value = serde_json::to_value(params).unwrap_or_default();
     if params.adaptive == Some(true) {
         if let Value::Object(map) = &mut value {
