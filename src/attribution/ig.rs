@@ -565,7 +565,6 @@ mod tests {
         ));
     }
 
-
     #[test]
     fn rules_integrate_polynomials_as_expected() {
         // ∫₀¹ x³ dx = 1/4
