@@ -14,7 +14,7 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::config::Activation;
 use crate::model::BertMaskedLm;
 
@@ -169,18 +169,7 @@ impl<F: Real> BertEngine<F> {
         let h = self.hidden;
         let e = &self.embeddings;
         let positions = e.positions.len() / h;
-        if ids.len() > positions {
-            return Err(Error::Prompt(format!(
-                "prompt is {} tokens long; the model takes at most {positions}",
-                ids.len()
-            )));
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::Prompt(format!(
-                "token id {id} is outside the model's vocabulary of {}",
-                self.vocab
-            )));
-        }
+        crate::attribution::engine::check_token_ids(ids, positions, self.vocab)?;
         let words = e.words.as_ref().unwrap_or(&self.decoder);
         let mut summed = Vec::with_capacity(ids.len() * h);
         for (position, &id) in ids.iter().enumerate() {

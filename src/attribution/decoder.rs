@@ -223,19 +223,7 @@ impl<F: Real> DecoderEngine<F> {
     /// The residual stream entering layer 0, `[S, H]`.
     fn embed(&self, ids: &[u32]) -> Result<Vec<F>> {
         let h = self.hidden;
-        if ids.len() > self.max_positions {
-            return Err(Error::Prompt(format!(
-                "prompt is {} tokens long; the model takes at most {}",
-                ids.len(),
-                self.max_positions
-            )));
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::Prompt(format!(
-                "token id {id} is outside the model's vocabulary of {}",
-                self.vocab
-            )));
-        }
+        crate::attribution::engine::check_token_ids(ids, self.max_positions, self.vocab)?;
         let mut x = Vec::with_capacity(ids.len() * h);
         for (p, &id) in ids.iter().enumerate() {
             let word = &self.embeddings[id as usize * h..][..h];

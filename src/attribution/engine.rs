@@ -6,12 +6,29 @@
 //! The device-generic engine of [`super::tensor`] (what runs on CUDA) implements the
 //! same [`PromptPass`] in candle ops.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::LanguageModel;
 
 use super::bert::BertEngine;
 use super::decoder::DecoderEngine;
 pub use super::kernels::Real;
+
+/// Refuses a prompt longer than the model's positions or with a token id outside its
+/// vocabulary: every engine checks the same before embedding.
+pub fn check_token_ids(ids: &[u32], max_positions: usize, vocab: usize) -> Result<()> {
+    if ids.len() > max_positions {
+        return Err(Error::Prompt(format!(
+            "prompt is {} tokens long; the model takes at most {max_positions}",
+            ids.len()
+        )));
+    }
+    if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(Error::Prompt(format!(
+            "token id {id} is outside the model's vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
 
 /// One layer's result of [`PromptPass::gradients`].
 #[derive(Debug, Clone)]

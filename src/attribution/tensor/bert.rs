@@ -149,18 +149,7 @@ impl BertTensorEngine {
     /// The embedding output `[S, H]` of a prompt's token ids (segment 0).
     fn embed(&self, ids: &[u32]) -> Result<Tensor> {
         let positions = self.positions.dim(0)?;
-        if ids.len() > positions {
-            return Err(Error::Prompt(format!(
-                "prompt is {} tokens long; the model takes at most {positions}",
-                ids.len()
-            )));
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::Prompt(format!(
-                "token id {id} is outside the model's vocabulary of {}",
-                self.vocab
-            )));
-        }
+        crate::attribution::engine::check_token_ids(ids, positions, self.vocab)?;
         let index = Tensor::new(ids, self.device())?;
         let summed = self
             .words

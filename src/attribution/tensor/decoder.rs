@@ -211,19 +211,7 @@ impl DecoderTensorEngine {
                 ids.len().saturating_sub(1)
             )));
         }
-        if ids.len() > self.max_positions {
-            return Err(Error::Prompt(format!(
-                "prompt is {} tokens long; the model takes at most {}",
-                ids.len(),
-                self.max_positions
-            )));
-        }
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= self.vocab) {
-            return Err(Error::Prompt(format!(
-                "token id {id} is outside the model's vocabulary of {}",
-                self.vocab
-            )));
-        }
+        crate::attribution::engine::check_token_ids(ids, self.max_positions, self.vocab)?;
         Ok(self.base_forward(ids)?)
     }
 
