@@ -75,7 +75,13 @@ impl DeviceChoice {
                     )));
                 }
                 Device::new_cuda(n).map_err(|e| {
-                    let text = e.to_string();
+                    // candle appends a backtrace when RUST_BACKTRACE is set: the cause is
+                    // what the user needs, not candle's stack.
+                    let cause = match &e {
+                        candle_core::Error::WithBacktrace { inner, .. } => inner.as_ref(),
+                        other => other,
+                    };
+                    let text = cause.to_string();
                     let why = explain_cuda_error(&text)
                         .map(|why| format!(": {why}"))
                         .unwrap_or_default();
