@@ -18,12 +18,20 @@ fn installed_kn(dir: &Path) -> PathBuf {
     copy
 }
 
+/// Runs the copy. The tests run in parallel threads, and a fork made by another test
+/// while this one's copy was still open for writing holds that write handle until its
+/// exec, so the exec of a fresh copy can fail with ETXTBSY ("Text file busy") for a
+/// moment: that error is retried.
 fn run(kn: &Path, cwd: &Path, args: &[&str]) -> std::process::Output {
-    Command::new(kn)
-        .args(args)
-        .current_dir(cwd)
-        .output()
-        .expect("running the installed kn")
+    for _ in 0..100 {
+        match Command::new(kn).args(args).current_dir(cwd).output() {
+            Err(e) if e.kind() == std::io::ErrorKind::ExecutableFileBusy => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            result => return result.expect("running the installed kn"),
+        }
+    }
+    panic!("{}: still busy after 2 s", kn.display());
 }
 
 #[test]

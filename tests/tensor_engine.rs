@@ -223,8 +223,8 @@ fn tiny_models_of_every_architecture() {
 }
 
 /// `kn attribute --engine tensor` (with a tiny --gpu-memory: batches of one point) gives
-/// the flat engine's refined neurons; `--gpu-memory` with the flat engine and an unknown
-/// engine are refused.
+/// the flat engine's refined neurons; `--gpu-memory` or bf16/f16 with the flat engine
+/// and an unknown engine are refused.
 #[test]
 fn engine_flags_on_the_command_line() {
     let model = common::tiny_decoder("llama-untied");
@@ -258,4 +258,15 @@ fn engine_flags_on_the_command_line() {
     let (code, _, stderr) = run(&["--engine", "gpu"]);
     assert_eq!(code, Some(2));
     assert!(stderr.contains("unknown engine \"gpu\""), "{stderr}");
+    // 16-bit products: the tensor engine only, recorded in the parameters.
+    let (code, half, stderr) = run(&["--engine", "tensor", "--precision", "bf16"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("kn: tensor engine, bf16"), "{stderr}");
+    assert_eq!(half[0]["params"]["precision"], "bf16");
+    let (code, _, stderr) = run(&["--precision", "f16"]);
+    assert_eq!(code, Some(1));
+    assert!(
+        stderr.contains("--precision f16 runs on the tensor engine"),
+        "{stderr}"
+    );
 }

@@ -316,12 +316,25 @@ fn fixed_rule<F: Real>(
     limit: usize,
 ) -> Result<Integrals> {
     let layers: Vec<usize> = (0..pass.neurons().len()).collect();
-    let mut weighted: Vec<(f64, [f64; 2])> = nodes.iter().map(|&(a, c)| (a, [c, 0.0])).collect();
+    let mut weighted: Vec<Node> = nodes
+        .iter()
+        .map(|&(alpha, c)| Node {
+            alpha,
+            interval: 0,
+            weights: [c, 0.0],
+        })
+        .collect();
     // P(0) for the completeness check: a point of weight 0 unless the rule has α = 0.
     if !nodes.iter().any(|&(alpha, _)| alpha == 0.0) {
-        weighted.push((0.0, [0.0, 0.0]));
+        weighted.push(Node {
+            alpha: 0.0,
+            interval: 0,
+            weights: [0.0, 0.0],
+        });
     }
-    let [gradients, _] = weighted_gradients(pass, &layers, &weighted, gold, limit)?;
+    let [gradients, _] = weighted_gradients(pass, &layers, &weighted, 1, gold, limit)?
+        .pop()
+        .expect("one interval");
     Ok(Integrals {
         gradients: gradients.sums,
         p0: gradients.p0,
@@ -329,6 +342,9 @@ fn fixed_rule<F: Real>(
         error: None,
     })
 }
+
+/// A part `(a, b)` of [0, 1].
+type Interval = (f64, f64);
 
 /// Adaptive Gauss–Kronrod per layer (see [`integrated_gradients`]); `tolerance` is
 /// absolute (already times `P(gold)`).
@@ -349,42 +365,63 @@ fn gauss_kronrod<F: Real>(
     let mut error = vec![0f64; neurons.len()];
     // Each interval still open, with the layers that still integrate over it: halving
     // makes every interval of a round distinct, so no interval is evaluated twice.
-    let mut open: Vec<((f64, f64), Vec<usize>)> = vec![((0.0, 1.0), (0..neurons.len()).collect())];
+    let mut open: Vec<(Interval, Vec<usize>)> = vec![((0.0, 1.0), (0..neurons.len()).collect())];
     for halvings in 0..=MAX_HALVINGS {
+        // The intervals of a round that integrate the same layers go to the engine
+        // together: one pass over the weights for all their points (both halves of an
+        // interval always share their layers; on a decoder, whose points are one row
+        // each, the passes, not the points, are most of the cost).
+        let mut groups: Vec<(Vec<usize>, Vec<Interval>)> = Vec::new();
+        for (interval, layers) in open {
+            match groups.iter_mut().find(|(l, _)| *l == layers) {
+                Some((_, intervals)) => intervals.push(interval),
+                None => groups.push((layers, vec![interval])),
+            }
+        }
         let mut next = Vec::new();
-        for ((a, b), layers) in open {
-            let mut nodes: Vec<(f64, [f64; 2])> = kronrod_nodes(a, b)
-                .into_iter()
-                .map(|(alpha, k, g)| (alpha, [k, g]))
-                .collect();
+        for (layers, intervals) in groups {
+            let mut nodes: Vec<Node> = Vec::with_capacity(15 * intervals.len() + 1);
+            for (j, &(a, b)) in intervals.iter().enumerate() {
+                nodes.extend(kronrod_nodes(a, b).into_iter().map(|(alpha, k, g)| Node {
+                    alpha,
+                    interval: j,
+                    weights: [k, g],
+                }));
+            }
             if halvings == 0 {
-                nodes.push((0.0, [0.0, 0.0]));
+                nodes.push(Node {
+                    alpha: 0.0,
+                    interval: 0,
+                    weights: [0.0, 0.0],
+                });
             }
-            let [kronrod, gauss] = weighted_gradients(pass, &layers, &nodes, gold, limit)?;
-            out.points += 15 * layers.len();
-            let mut halve = Vec::new();
-            for (i, &layer) in layers.iter().enumerate() {
-                if halvings == 0 {
-                    out.p0[layer] = kronrod.p0[i];
-                }
-                let estimate = neurons[layer]
-                    .iter()
-                    .zip(kronrod.sums[i].iter().zip(&gauss.sums[i]))
-                    .map(|(&w, (k, g))| (w.to_f64().unwrap_or(f64::NAN) * (k - g)).abs())
-                    .fold(0.0, f64::max);
-                if estimate <= tolerance * (b - a) || halvings == MAX_HALVINGS {
-                    for (sum, k) in out.gradients[layer].iter_mut().zip(&kronrod.sums[i]) {
-                        *sum += k;
+            let sums = weighted_gradients(pass, &layers, &nodes, intervals.len(), gold, limit)?;
+            for (&(a, b), [kronrod, gauss]) in intervals.iter().zip(&sums) {
+                out.points += 15 * layers.len();
+                let mut halve = Vec::new();
+                for (i, &layer) in layers.iter().enumerate() {
+                    if halvings == 0 {
+                        out.p0[layer] = kronrod.p0[i];
                     }
-                    error[layer] += estimate;
-                } else {
-                    halve.push(layer);
+                    let estimate = neurons[layer]
+                        .iter()
+                        .zip(kronrod.sums[i].iter().zip(&gauss.sums[i]))
+                        .map(|(&w, (k, g))| (w.to_f64().unwrap_or(f64::NAN) * (k - g)).abs())
+                        .fold(0.0, f64::max);
+                    if estimate <= tolerance * (b - a) || halvings == MAX_HALVINGS {
+                        for (sum, k) in out.gradients[layer].iter_mut().zip(&kronrod.sums[i]) {
+                            *sum += k;
+                        }
+                        error[layer] += estimate;
+                    } else {
+                        halve.push(layer);
+                    }
                 }
-            }
-            if !halve.is_empty() {
-                let middle = (a + b) / 2.0;
-                next.push(((a, middle), halve.clone()));
-                next.push(((middle, b), halve));
+                if !halve.is_empty() {
+                    let middle = (a + b) / 2.0;
+                    next.push(((a, middle), halve.clone()));
+                    next.push(((middle, b), halve));
+                }
             }
         }
         open = next;
@@ -403,28 +440,38 @@ struct WeightedSums {
     p0: Vec<f64>,
 }
 
-/// `Σ_k c_k ∂P(α_k·w)/∂w` for two weight sets `c` over the same nodes, for `layers`,
-/// in equal batches of at most `limit` points, all layers of a batch at once (the
-/// engine stacks them; see `Engine::gradients`); a batch out of device memory is
-/// redone in halves.
+/// An integration point: its α, the interval whose sums it adds to, and its weight in
+/// each of the interval's two weight sets (Kronrod and Gauss; a fixed rule's and 0).
+#[derive(Debug, Clone, Copy)]
+struct Node {
+    alpha: f64,
+    interval: usize,
+    weights: [f64; 2],
+}
+
+/// `Σ_k c_k ∂P(α_k·w)/∂w` over each of `intervals` intervals' nodes, for two weight
+/// sets `c`, for `layers`, in equal batches of at most `limit` points, all layers of a
+/// batch at once (the engine stacks them; see `Engine::gradients`); a batch out of
+/// device memory is redone in halves. A node of α = 0 gives `P(0)` to its interval.
 fn weighted_gradients<F: Real>(
     pass: &dyn PromptPass<F>,
     layers: &[usize],
-    nodes: &[(f64, [f64; 2])],
+    nodes: &[Node],
+    intervals: usize,
     gold: usize,
     limit: usize,
-) -> Result<[WeightedSums; 2]> {
+) -> Result<Vec<[WeightedSums; 2]>> {
     let width = pass.neurons()[0].len();
     let empty = || WeightedSums {
         sums: vec![vec![0f64; width]; layers.len()],
         p0: vec![f64::NAN; layers.len()],
     };
-    let mut out = [empty(), empty()];
+    let mut out: Vec<[WeightedSums; 2]> = (0..intervals).map(|_| [empty(), empty()]).collect();
     let mut size = nodes.len().div_ceil(nodes.len().div_ceil(limit));
     let mut start = 0;
     while start < nodes.len() {
         let chunk = &nodes[start..(start + size).min(nodes.len())];
-        let alphas: Vec<F> = chunk.iter().map(|&(a, _)| F::of(a)).collect();
+        let alphas: Vec<F> = chunk.iter().map(|n| F::of(n.alpha)).collect();
         let results = match pass.gradients(layers, &alphas, gold) {
             Ok(results) => results,
             Err(Error::OutOfMemory { .. }) if size > 1 => {
@@ -434,10 +481,10 @@ fn weighted_gradients<F: Real>(
             Err(e) => return Err(e),
         };
         for (i, result) in results.iter().enumerate() {
-            for (b, &(alpha, weights)) in chunk.iter().enumerate() {
+            for (b, node) in chunk.iter().enumerate() {
                 let row = &result.gradients[b * width..(b + 1) * width];
-                for (set, &weight) in out.iter_mut().zip(&weights) {
-                    if alpha == 0.0 {
+                for (set, &weight) in out[node.interval].iter_mut().zip(&node.weights) {
+                    if node.alpha == 0.0 {
                         set.p0[i] = result.probabilities[b].to_f64().unwrap_or(f64::NAN);
                     }
                     if weight == 0.0 {

@@ -18,6 +18,7 @@ pub mod tensor;
 use crate::error::{Error, Result};
 use crate::model::tokenizer::{EncodedPrompt, MaskTokenizer};
 use crate::model::LoadedModel;
+use candle_core::DType;
 use engine::Engine;
 use ig::{IgOptions, Rule};
 use record::{FactRecord, Method, ModelInfo, Params, Precision, PromptRecord};
@@ -176,6 +177,19 @@ impl Attributor {
                 (false, Precision::F64) => Engines::F64(Engine::from_model(model)?),
                 (true, Precision::F32) => Engines::TensorF32(TensorEngine::from_model(model)?),
                 (true, Precision::F64) => Engines::TensorF64(TensorEngine::from_model(model)?),
+                (true, Precision::Bf16) => {
+                    Engines::TensorF32(TensorEngine::with_products(model, DType::BF16)?)
+                }
+                (true, Precision::F16) => {
+                    Engines::TensorF32(TensorEngine::with_products(model, DType::F16)?)
+                }
+                (false, precision @ (Precision::Bf16 | Precision::F16)) => {
+                    return Err(Error::Device(format!(
+                        "--precision {} runs on the tensor engine (the default on CUDA): add \
+                         --engine tensor",
+                        precision.name()
+                    )))
+                }
             },
             options,
             model_info,

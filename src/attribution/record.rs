@@ -99,11 +99,26 @@ pub enum Precision {
     F32,
     /// Double precision: about twice the time, for exact comparisons.
     F64,
+    /// bf16 weight products, f32 everything else (the tensor engine only; for GPUs'
+    /// 16-bit matrix units). Scores agree with f32's less closely: see the README.
+    Bf16,
+    /// f16 weight products, f32 everything else (the tensor engine only).
+    F16,
 }
 
 impl Precision {
     fn is_default(&self) -> bool {
         *self == Self::F32
+    }
+
+    /// The name the command line and the records use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F64 => "f64",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
     }
 }
 
@@ -114,7 +129,9 @@ impl std::str::FromStr for Precision {
         match s {
             "f32" => Ok(Self::F32),
             "f64" => Ok(Self::F64),
-            _ => Err(format!("unknown precision {s:?} (f32, f64)")),
+            "bf16" => Ok(Self::Bf16),
+            "f16" => Ok(Self::F16),
+            _ => Err(format!("unknown precision {s:?} (f32, f64, bf16, f16)")),
         }
     }
 }

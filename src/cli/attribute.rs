@@ -72,8 +72,10 @@ pub(super) struct AttributeArgs {
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     chunk: Option<u64>,
     /// The engine's float type: f32 (vectorised), or f64 (about twice the time; scores
-    /// agree with a float64 reference to ~1e-8 rather than ~1e-4).
-    #[arg(long, default_value = "f32", value_name = "f32|f64")]
+    /// agree with a float64 reference to ~1e-8 rather than ~1e-4). bf16 and f16 (tensor
+    /// engine only): the weight products in 16 bits, everything else in f32, for GPUs'
+    /// 16-bit matrix units; scores agree with f32's less closely (see the README).
+    #[arg(long, default_value = "f32", value_name = "f32|f64|bf16|f16")]
     precision: Precision,
     /// Attribution engine: auto (tensor on CUDA, flat on the CPU), flat (kn's CPU
     /// kernels, the faster there), or tensor (candle ops on the device: what runs on a
@@ -222,10 +224,7 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
         eprintln!(
             "kn: {} engine, {}",
             attributor.engine_name(),
-            match attributor.options().precision {
-                Precision::F32 => "f32",
-                Precision::F64 => "f64",
-            }
+            attributor.options().precision.name()
         );
     }
     let mut run_options = RunOptions {

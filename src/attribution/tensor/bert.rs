@@ -17,7 +17,8 @@ use crate::model::config::Activation;
 use crate::model::BertMaskedLm;
 
 use super::ops::{
-    activate, gold_probability_gradient, push_rows, scaled, softmax, Dense, Norm, NormCache, Ops,
+    activate, gold_probability_gradient, push_rows, scaled, softmax, Dense, Dtypes, Norm,
+    NormCache, Ops,
 };
 
 /// One transformer block.
@@ -59,8 +60,8 @@ pub struct BertTensorEngine {
     blocks: Vec<Block>,
     head_dense: Dense,
     head_norm: Norm,
-    /// `[V, H]`
-    decoder: Tensor,
+    /// `[V, H]`, without its bias (added in the activations' dtype).
+    decoder: Dense,
     /// `[V]`
     decoder_bias: Tensor,
     activation: Activation,
@@ -88,7 +89,8 @@ pub struct BertTensorPass<'a, F> {
 
 impl BertTensorEngine {
     /// Takes a loaded model's weights (no copy when they are already in `dtype`).
-    pub fn from_model(model: BertMaskedLm, dtype: DType) -> Result<Self> {
+    pub fn from_model(model: BertMaskedLm, dtypes: Dtypes) -> Result<Self> {
+        let dtype = dtypes.activations;
         let BertMaskedLm {
             config: cfg,
             embeddings,
@@ -99,13 +101,13 @@ impl BertTensorEngine {
             .iter()
             .map(|l| {
                 Ok(Block {
-                    query: Dense::new(&l.attention.query, dtype)?,
-                    key: Dense::new(&l.attention.key, dtype)?,
-                    value: Dense::new(&l.attention.value, dtype)?,
-                    attn_out: Dense::new(&l.attention.output, dtype)?,
+                    query: Dense::new(&l.attention.query, dtypes)?,
+                    key: Dense::new(&l.attention.key, dtypes)?,
+                    value: Dense::new(&l.attention.value, dtypes)?,
+                    attn_out: Dense::new(&l.attention.output, dtypes)?,
                     attn_norm: Norm::layer(&l.attention.layer_norm, dtype)?,
-                    up: Dense::new(&l.intermediate, dtype)?,
-                    down: Dense::new(&l.output, dtype)?,
+                    up: Dense::new(&l.intermediate, dtypes)?,
+                    down: Dense::new(&l.output, dtypes)?,
                     out_norm: Norm::layer(&l.output_layer_norm, dtype)?,
                 })
             })
@@ -119,9 +121,9 @@ impl BertTensorEngine {
                 .to_dtype(dtype)?,
             embedding_norm: Norm::layer(&embeddings.layer_norm, dtype)?,
             blocks,
-            head_dense: Dense::new(&head.transform, dtype)?,
+            head_dense: Dense::new(&head.transform, dtypes)?,
             head_norm: Norm::layer(&head.layer_norm, dtype)?,
-            decoder: head.decoder_weight.to_dtype(dtype)?.contiguous()?,
+            decoder: Dense::from_parts(&head.decoder_weight, None, dtypes)?,
             decoder_bias: head.decoder_bias.to_dtype(dtype)?,
             activation: cfg.activation(),
             hidden: cfg.hidden_size,
@@ -293,14 +295,15 @@ impl BertTensorEngine {
     fn head_forward(&self, top: &Tensor) -> Ops<(Tensor, (Tensor, NormCache))> {
         let (activated, slope) = activate(self.activation, &self.head_dense.forward(top)?)?;
         let (normed, norm) = self.head_norm.forward(&activated)?;
-        let logits = normed
-            .matmul(&self.decoder.t()?)?
+        let logits = self
+            .decoder
+            .forward(&normed)?
             .broadcast_add(&self.decoder_bias)?;
         Ok((softmax(&logits)?, (slope, norm)))
     }
 
     fn head_backward(&self, d_logits: &Tensor, cache: &(Tensor, NormCache)) -> Ops<Tensor> {
-        let d_normed = d_logits.matmul(&self.decoder)?;
+        let d_normed = self.decoder.backward_input(d_logits)?;
         let d_activated = (self.head_norm.backward(&d_normed, &cache.1)? * &cache.0)?;
         self.head_dense.backward_input(&d_activated)
     }

@@ -18,7 +18,7 @@ use crate::model::llama::{rotary_tables, Llama};
 use crate::model::nn::most_negative;
 
 use super::ops::{activate, gold_probability_gradient, push_rows, scaled, softmax, Dense, Norm};
-use super::ops::{NormCache, Ops};
+use super::ops::{Dtypes, NormCache, Ops};
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
@@ -44,8 +44,8 @@ pub struct DecoderTensorEngine {
     embeddings: Tensor,
     /// Learned positions `[P, H]` (GPT-2); `None` with rotary positions.
     positions: Option<Tensor>,
-    /// `[V, H]`: the embeddings when tied.
-    head: Tensor,
+    /// `[V, H]`: the embeddings when tied (stored again in the products' dtype).
+    head: Dense,
     activation: Activation,
     rope_theta: Option<f64>,
     max_positions: usize,
@@ -93,7 +93,8 @@ pub struct DecoderTensorPass<'a, F> {
 
 impl DecoderTensorEngine {
     /// Takes a Llama-family model's weights.
-    pub fn from_llama(model: Llama, dtype: DType) -> Result<Self> {
+    pub fn from_llama(model: Llama, dtypes: Dtypes) -> Result<Self> {
+        let dtype = dtypes.activations;
         let layers = model
             .layers
             .iter()
@@ -101,14 +102,14 @@ impl DecoderTensorEngine {
                 let a = &l.self_attn;
                 Ok(Layer {
                     attn_norm: Norm::rms(&l.input_layernorm, dtype)?,
-                    query: Dense::new(&a.q_proj, dtype)?,
-                    key: Dense::new(&a.k_proj, dtype)?,
-                    value: Dense::new(&a.v_proj, dtype)?,
-                    attn_out: Dense::new(&a.o_proj, dtype)?,
+                    query: Dense::new(&a.q_proj, dtypes)?,
+                    key: Dense::new(&a.k_proj, dtypes)?,
+                    value: Dense::new(&a.v_proj, dtypes)?,
+                    attn_out: Dense::new(&a.o_proj, dtypes)?,
                     ffn_norm: Norm::rms(&l.post_attention_layernorm, dtype)?,
-                    gate: Some(Dense::new(&l.mlp.gate_proj, dtype)?),
-                    up: Dense::new(&l.mlp.up_proj, dtype)?,
-                    down: Dense::new(&l.mlp.down_proj, dtype)?,
+                    gate: Some(Dense::new(&l.mlp.gate_proj, dtypes)?),
+                    up: Dense::new(&l.mlp.up_proj, dtypes)?,
+                    down: Dense::new(&l.mlp.down_proj, dtypes)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -118,7 +119,7 @@ impl DecoderTensorEngine {
             final_norm: Norm::rms(&model.norm, dtype)?,
             embeddings: model.embed_tokens.to_dtype(dtype)?,
             positions: None,
-            head: model.lm_head.to_dtype(dtype)?.contiguous()?,
+            head: Dense::from_parts(&model.lm_head, None, dtypes)?,
             activation: Activation::Silu,
             rope_theta: Some(c.rope_theta),
             max_positions: c.max_position_embeddings,
@@ -133,7 +134,8 @@ impl DecoderTensorEngine {
     }
 
     /// Takes a GPT-2 model's weights (its fused `c_attn` split into q, k, v).
-    pub fn from_gpt2(model: Gpt2, dtype: DType) -> Result<Self> {
+    pub fn from_gpt2(model: Gpt2, dtypes: Dtypes) -> Result<Self> {
+        let dtype = dtypes.activations;
         let c = model.config.clone();
         let h = c.hidden_size;
         let layers = model
@@ -147,18 +149,18 @@ impl DecoderTensorEngine {
                         .as_ref()
                         .map(|t| t.narrow(0, n * h, h))
                         .transpose()?;
-                    Dense::from_parts(&b.c_attn.weight.narrow(0, n * h, h)?, bias.as_ref(), dtype)
+                    Dense::from_parts(&b.c_attn.weight.narrow(0, n * h, h)?, bias.as_ref(), dtypes)
                 };
                 Ok(Layer {
                     attn_norm: Norm::layer(&b.ln_1, dtype)?,
                     query: part(0)?,
                     key: part(1)?,
                     value: part(2)?,
-                    attn_out: Dense::new(&b.attn_proj, dtype)?,
+                    attn_out: Dense::new(&b.attn_proj, dtypes)?,
                     ffn_norm: Norm::layer(&b.ln_2, dtype)?,
                     gate: None,
-                    up: Dense::new(&b.c_fc, dtype)?,
-                    down: Dense::new(&b.c_proj, dtype)?,
+                    up: Dense::new(&b.c_fc, dtypes)?,
+                    down: Dense::new(&b.c_proj, dtypes)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -167,7 +169,7 @@ impl DecoderTensorEngine {
             final_norm: Norm::layer(&model.ln_f, dtype)?,
             embeddings: model.wte.to_dtype(dtype)?,
             positions: Some(model.wpe.to_dtype(dtype)?),
-            head: model.lm_head.to_dtype(dtype)?.contiguous()?,
+            head: Dense::from_parts(&model.lm_head, None, dtypes)?,
             activation: c.activation(),
             rope_theta: None,
             max_positions: c.max_position_embeddings,
@@ -328,7 +330,7 @@ impl DecoderTensorEngine {
     /// Final norm, head and softmax on rows `[R, H]`.
     fn head_forward(&self, x: &Tensor) -> Ops<(Tensor, NormCache)> {
         let (normed, norm) = self.final_norm.forward(x)?;
-        Ok((softmax(&normed.matmul(&self.head.t()?)?)?, norm))
+        Ok((softmax(&self.head.forward(&normed)?)?, norm))
     }
 }
 
@@ -538,7 +540,9 @@ impl<F: Real> DecoderTensorPass<'_, F> {
         let (probs, norm) = e.head_forward(&rows)?;
         let (gold_p, d_logits) = gold_probability_gradient(&probs, gold)?;
         drop(probs);
-        let mut d = e.final_norm.backward(&d_logits.matmul(&e.head)?, &norm)?;
+        let mut d = e
+            .final_norm
+            .backward(&e.head.backward_input(&d_logits)?, &norm)?;
         drop(d_logits);
         let own_backward =
             |g: usize, d_rows: &Tensor| e.layers[layers[g]].down.backward_input(d_rows);

@@ -13,6 +13,8 @@ pub mod bert;
 pub mod decoder;
 mod ops;
 
+pub use ops::Dtypes;
+
 use std::marker::PhantomData;
 
 use candle_core::DType;
@@ -42,12 +44,21 @@ impl<F: Real> TensorEngine<F> {
     /// Takes a loaded model's weights on its own device, in `F`'s dtype (no copy when
     /// the model already has it).
     pub fn from_model(model: LanguageModel) -> Result<Self> {
+        Self::with_products(model, F::DTYPE)
+    }
+
+    /// As [`Self::from_model`], with the weight products in `products` (bf16 or f16:
+    /// mixed precision, see [`Dtypes`]; `F`'s own dtype: none).
+    pub fn with_products(model: LanguageModel, products: DType) -> Result<Self> {
         let device = ops::device_name(model.device());
-        let dtype: DType = F::DTYPE;
+        let dtypes = Dtypes {
+            activations: F::DTYPE,
+            products,
+        };
         let kind = match model {
-            LanguageModel::Bert(m) => Kind::Bert(BertTensorEngine::from_model(m, dtype)?),
-            LanguageModel::Llama(m) => Kind::Decoder(DecoderTensorEngine::from_llama(m, dtype)?),
-            LanguageModel::Gpt2(m) => Kind::Decoder(DecoderTensorEngine::from_gpt2(m, dtype)?),
+            LanguageModel::Bert(m) => Kind::Bert(BertTensorEngine::from_model(m, dtypes)?),
+            LanguageModel::Llama(m) => Kind::Decoder(DecoderTensorEngine::from_llama(m, dtypes)?),
+            LanguageModel::Gpt2(m) => Kind::Decoder(DecoderTensorEngine::from_gpt2(m, dtypes)?),
         };
         Ok(Self {
             kind,

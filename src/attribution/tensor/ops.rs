@@ -16,7 +16,42 @@ use crate::model::nn::{LayerNorm, Linear, RmsNorm};
 /// candle's result, for the kernels' own use.
 pub(super) type Ops<T> = candle_core::Result<T>;
 
-/// A dense layer `y = x·Wᵀ + b` on the engine's device and dtype.
+/// The dtypes a tensor engine computes in: `activations` for everything it keeps
+/// (activations, norms, softmax, attention, gradients), `products` for the operands of
+/// the weight products (the dense layers and the vocabulary head). The same dtype for
+/// both is plain f32 or f64; bf16 or f16 products are mixed precision as PyTorch's
+/// autocast does it: the weights stored and multiplied in 16 bits (cuBLAS and candle's
+/// CPU products accumulate in f32), each product's result widened back to
+/// `activations` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dtypes {
+    /// What activations and gradients are kept in.
+    pub activations: DType,
+    /// What the weight products take their operands in.
+    pub products: DType,
+}
+
+impl Dtypes {
+    /// One dtype for everything.
+    pub fn uniform(dtype: DType) -> Self {
+        Self {
+            activations: dtype,
+            products: dtype,
+        }
+    }
+}
+
+/// `x · w` with `w` in the products' dtype, the result in `x`'s dtype.
+fn product(x: &Tensor, w: &Tensor) -> Ops<Tensor> {
+    if x.dtype() == w.dtype() {
+        x.matmul(w)
+    } else {
+        x.to_dtype(w.dtype())?.matmul(w)?.to_dtype(x.dtype())
+    }
+}
+
+/// A dense layer `y = x·Wᵀ + b` on the engine's device: the weight in the products'
+/// dtype, the bias in the activations'.
 #[derive(Debug, Clone)]
 pub(super) struct Dense {
     /// `[out, in]`
@@ -26,22 +61,26 @@ pub(super) struct Dense {
 }
 
 impl Dense {
-    /// A model's layer in `dtype` (no copy when it is already in it).
-    pub(super) fn new(linear: &Linear, dtype: DType) -> Result<Self> {
-        Self::from_parts(&linear.weight, linear.bias.as_ref(), dtype)
+    /// A model's layer in `dtypes` (no copy when it is already in them).
+    pub(super) fn new(linear: &Linear, dtypes: Dtypes) -> Result<Self> {
+        Self::from_parts(&linear.weight, linear.bias.as_ref(), dtypes)
     }
 
     /// A layer from its weight `[out, in]` and bias.
-    pub(super) fn from_parts(weight: &Tensor, bias: Option<&Tensor>, dtype: DType) -> Result<Self> {
+    pub(super) fn from_parts(
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        dtypes: Dtypes,
+    ) -> Result<Self> {
         Ok(Self {
-            weight: weight.to_dtype(dtype)?.contiguous()?,
-            bias: bias.map(|b| b.to_dtype(dtype)).transpose()?,
+            weight: weight.to_dtype(dtypes.products)?.contiguous()?,
+            bias: bias.map(|b| b.to_dtype(dtypes.activations)).transpose()?,
         })
     }
 
     /// `[R, in]` → `[R, out]`.
     pub(super) fn forward(&self, x: &Tensor) -> Ops<Tensor> {
-        let y = x.matmul(&self.weight.t()?)?;
+        let y = product(x, &self.weight.t()?)?;
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
@@ -50,7 +89,7 @@ impl Dense {
 
     /// The input's gradient `[R, in]` from the output's `[R, out]`: `dy·W`.
     pub(super) fn backward_input(&self, dy: &Tensor) -> Ops<Tensor> {
-        dy.matmul(&self.weight)
+        product(dy, &self.weight)
     }
 }
 

@@ -17,9 +17,15 @@ use crate::model::LanguageModel;
 /// Tiny random models: BERT (erf GELU), Llama (grouped-query, tied and untied), Qwen2
 /// (q/k/v biases), GPT-2 (tied and untied), with a prompt and the answer position.
 fn models() -> Vec<(String, LanguageModel, Vec<u32>, usize)> {
+    models_of(0.5)
+}
+
+/// [`models`] with weights of standard deviation `sigma` (0.5 there: rough models, on
+/// which rounding errors grow fast).
+fn models_of(sigma: f32) -> Vec<(String, LanguageModel, Vec<u32>, usize)> {
     let bert_cfg = tiny_config(18, 16, 3, 24);
     let bert = model_from_tensors(
-        random_tensors(&bert_cfg, Layout::default(), 5, 0.5).unwrap(),
+        random_tensors(&bert_cfg, Layout::default(), 5, sigma).unwrap(),
         &bert_cfg,
         DType::F64,
         &Device::Cpu,
@@ -40,7 +46,7 @@ fn models() -> Vec<(String, LanguageModel, Vec<u32>, usize)> {
         ("gpt2", false),
     ] {
         let cfg = tiny_decoder_config(kind, 29, 16, 3, 24, tied).unwrap();
-        let tensors = random_decoder_tensors(&cfg, 7, 0.5).unwrap();
+        let tensors = random_decoder_tensors(&cfg, 7, sigma).unwrap();
         let model =
             LanguageModel::from_tensors(tensors, &cfg, DType::F64, &Device::Cpu, Path::new(kind))
                 .unwrap();
@@ -123,6 +129,57 @@ fn tensor_engine_f32_is_close_to_f64() {
                     "{name}: {x} vs {y}"
                 );
             }
+        }
+    }
+}
+
+/// bf16 and f16 weight products (mixed precision) stay within their rounding of f64's
+/// gradients, and really are 16-bit: their error is well above f32's. (Smoother models
+/// than the others' σ = 0.5, where f32's own error is 50–100 times its rounding and
+/// bf16's reaches the gradient's size on the Qwen2 model.)
+#[test]
+fn sixteen_bit_products_are_close_to_f64() {
+    for (name, model, ids, position) in models_of(0.2) {
+        let layers: Vec<usize> = (0..model.config().num_hidden_layers).collect();
+        let gradients = |engine: TensorEngine<f32>| {
+            let pass = engine.prepare(&ids, position).unwrap();
+            let g = pass.gradients(&layers, &[0.5, 1.0], 10).unwrap();
+            g.iter()
+                .map(|l| {
+                    l.gradients
+                        .iter()
+                        .map(|&x| f64::from(x))
+                        .collect::<Vec<_>>()
+                })
+                .collect::<Vec<_>>()
+        };
+        let t64 = TensorEngine::<f64>::from_model(model.clone()).unwrap();
+        let p64 = t64.prepare(&ids, position).unwrap();
+        let want = p64.gradients(&layers, &[0.5, 1.0], 10).unwrap();
+        let error = |got: &[Vec<f64>]| {
+            want.iter()
+                .zip(got)
+                .map(|(w, g)| {
+                    let scale = w.gradients.iter().fold(0f64, |m, x| m.max(x.abs()));
+                    let gap = w
+                        .gradients
+                        .iter()
+                        .zip(g)
+                        .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+                    gap / scale
+                })
+                .fold(0f64, f64::max)
+        };
+        let f32_error = error(&gradients(TensorEngine::from_model(model.clone()).unwrap()));
+        for (dtype, tolerance) in [(DType::BF16, 5e-2), (DType::F16, 5e-3)] {
+            let engine = TensorEngine::<f32>::with_products(model.clone(), dtype).unwrap();
+            let e = error(&gradients(engine));
+            eprintln!("{name}: {dtype:?} products: {e:.2e} of the largest gradient (f32: {f32_error:.2e})");
+            assert!(e <= tolerance, "{name}: {dtype:?}: {e:e}");
+            assert!(
+                e > 10.0 * f32_error,
+                "{name}: {dtype:?}: {e:e} is f32's {f32_error:e}"
+            );
         }
     }
 }
