@@ -31,16 +31,6 @@ pub struct Dtypes {
     pub products: DType,
 }
 
-impl Dtypes {
-    /// One dtype for everything.
-    pub fn uniform(dtype: DType) -> Self {
-        Self {
-            activations: dtype,
-            products: dtype,
-        }
-    }
-}
-
 /// `x · w` with `w` in the products' dtype, the result in `x`'s dtype.
 fn product(x: &Tensor, w: &Tensor) -> Ops<Tensor> {
     if x.dtype() == w.dtype() {
