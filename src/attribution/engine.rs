@@ -4,7 +4,8 @@
 //! architecture's engine is in its own file ([`super::bert`]: BERT; [`super::decoder`]:
 //! the causal decoders, Llama and GPT-2), on the shared kernels of [`super::kernels`].
 //! The device-generic engine of [`super::tensor`] (what runs on CUDA) implements the
-//! same [`PromptPass`] in candle ops.
+//! same [`PromptPass`] in candle ops, and evaluates the points of several prompts in one
+//! batch ([`PromptPasses`]).
 
 use crate::error::{Error, Result};
 use crate::model::LanguageModel;
@@ -60,6 +61,57 @@ pub trait PromptPass<F: Real>: Sync {
     ) -> Result<Vec<LayerGradients<F>>>;
 }
 
+/// One prompt's share of a batch of [`PromptPasses::gradients`].
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a, F> {
+    /// The prompt, by its index in the [`PromptPasses`].
+    pub prompt: usize,
+    /// Its layers to integrate, as [`PromptPass::gradients`] takes them.
+    pub layers: &'a [usize],
+    /// Its integration points.
+    pub alphas: &'a [F],
+}
+
+/// The normal passes of a fact's prompts (one gold answer), which an engine may
+/// integrate together.
+pub trait PromptPasses<F: Real>: Sync {
+    /// How many prompts.
+    fn prompts(&self) -> usize;
+    /// Prompt `prompt`'s pass.
+    fn pass(&self, prompt: usize) -> &dyn PromptPass<F>;
+    /// Whether [`Self::gradients`] evaluates the requests of several prompts as one
+    /// batch (the tensor engine: on a GPU, fuller batches and fewer passes). When not,
+    /// the IG loop sends each prompt's points on their own.
+    fn joint(&self) -> bool {
+        false
+    }
+    /// For each request, what [`PromptPass::gradients`] of its prompt gives.
+    fn gradients(
+        &self,
+        requests: &[Request<'_, F>],
+        gold: usize,
+    ) -> Result<Vec<Vec<LayerGradients<F>>>> {
+        requests
+            .iter()
+            .map(|r| self.pass(r.prompt).gradients(r.layers, r.alphas, gold))
+            .collect()
+    }
+}
+
+/// Passes that evaluate one prompt at a time (the flat engines, whose batches are
+/// already as large as pays on a CPU).
+pub struct Separate<'a, F>(pub Vec<Box<dyn PromptPass<F> + 'a>>);
+
+impl<F: Real> PromptPasses<F> for Separate<'_, F> {
+    fn prompts(&self) -> usize {
+        self.0.len()
+    }
+
+    fn pass(&self, prompt: usize) -> &dyn PromptPass<F> {
+        self.0[prompt].as_ref()
+    }
+}
+
 /// An attribution engine of any architecture: the weights as flat buffers.
 #[derive(Debug, Clone)]
 pub enum Engine<F> {
@@ -103,5 +155,18 @@ impl<F: Real> Engine<F> {
             Self::Bert(e) => Box::new(e.prepare(ids, position)?),
             Self::Decoder(e) => Box::new(e.prepare(ids, position)?),
         })
+    }
+
+    /// The normal passes of several prompts (token ids, answer position), integrated one
+    /// prompt at a time.
+    pub fn prepare_all(
+        &self,
+        prompts: &[(&[u32], usize)],
+    ) -> Result<Box<dyn PromptPasses<F> + '_>> {
+        let passes = prompts
+            .iter()
+            .map(|&(ids, position)| self.prepare(ids, position))
+            .collect::<Result<_>>()?;
+        Ok(Box::new(Separate(passes)))
     }
 }

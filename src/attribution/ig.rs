@@ -17,10 +17,13 @@
 //! from layer L up only, and a backward pass to L's neurons only (no weight gradients),
 //! in chunks of at most `chunk` points to bound memory. The engine runs all layers' L
 //! batches of a chunk together ([`PromptPass::gradients`]), whatever the architecture.
+//! An engine that can ([`PromptPasses::joint`]: the tensor engine, for GPUs) also takes
+//! the points of a fact's several prompts in one chunk; each prompt's integral stays its
+//! own, so the scores are the same as one prompt at a time, to rounding.
 
 use serde::{Deserialize, Serialize};
 
-use super::engine::{PromptPass, Real};
+use super::engine::{PromptPass, PromptPasses, Real, Request};
 use crate::error::{Error, Result};
 
 /// A quadrature rule on [0, 1] for the IG integral.
@@ -253,21 +256,51 @@ pub fn integrated_gradients<F: Real>(
     gold: usize,
     options: &IgOptions,
 ) -> Result<PromptAttribution> {
-    let p1 = pass.probabilities()[gold].to_f64().unwrap_or(f64::NAN);
-    let neurons = pass.neurons();
-    let budget = options.budget.unwrap_or(CACHE_BUDGET);
-    let limit = options
-        .chunk
-        .unwrap_or_else(|| budget / pass.cache_bytes_per_point().max(1))
-        .max(1);
+    let mut out = integrated_gradients_of_prompts(&One(pass), gold, options)?;
+    Ok(out.pop().expect("one prompt"))
+}
+
+/// [`integrated_gradients`] of every prompt of `passes` (one fact: one gold answer).
+/// Each prompt's integral is its own; an engine that evaluates several prompts in one
+/// batch ([`PromptPasses::joint`]) gets batches filled across the prompts, which give
+/// the same scores as one prompt at a time to rounding.
+pub fn integrated_gradients_of_prompts<F: Real>(
+    passes: &dyn PromptPasses<F>,
+    gold: usize,
+    options: &IgOptions,
+) -> Result<Vec<PromptAttribution>> {
+    let p1: Vec<f64> = (0..passes.prompts())
+        .map(|p| {
+            passes.pass(p).probabilities()[gold]
+                .to_f64()
+                .unwrap_or(f64::NAN)
+        })
+        .collect();
+    let batches = Batches::new(passes, gold, options);
     let integrals = match options.rule {
         Rule::GaussKronrod => {
-            let tolerance = options.tolerance.unwrap_or(DEFAULT_TOLERANCE) * p1;
-            gauss_kronrod(pass, gold, tolerance, limit)?
+            let tolerance = options.tolerance.unwrap_or(DEFAULT_TOLERANCE);
+            let tolerances: Vec<f64> = p1.iter().map(|p| tolerance * p).collect();
+            gauss_kronrod(&batches, &tolerances)?
         }
-        rule => fixed_rule(pass, gold, &rule.nodes(options.steps), limit)?,
+        rule => fixed_rule(&batches, &rule.nodes(options.steps))?,
     };
-    let (scores, completeness) = neurons
+    Ok(integrals
+        .into_iter()
+        .zip(p1)
+        .enumerate()
+        .map(|(prompt, (integrals, p1))| attribution(passes.pass(prompt), p1, integrals))
+        .collect())
+}
+
+/// A prompt's scores `w_i · ∫ ∂P/∂w_i` and completeness from its integrals.
+fn attribution<F: Real>(
+    pass: &dyn PromptPass<F>,
+    p1: f64,
+    integrals: Integrals,
+) -> PromptAttribution {
+    let (scores, completeness) = pass
+        .neurons()
         .iter()
         .enumerate()
         .map(|(layer, w)| {
@@ -287,13 +320,26 @@ pub fn integrated_gradients<F: Real>(
             )
         })
         .unzip();
-    Ok(PromptAttribution {
+    PromptAttribution {
         gold_probability: p1,
         scores,
         completeness,
         points: integrals.points,
         error_estimate: integrals.error.map(|e| e / p1),
-    })
+    }
+}
+
+/// One prompt's pass as [`PromptPasses`].
+struct One<'a, F>(&'a dyn PromptPass<F>);
+
+impl<F: Real> PromptPasses<F> for One<'_, F> {
+    fn prompts(&self) -> usize {
+        1
+    }
+
+    fn pass(&self, _: usize) -> &dyn PromptPass<F> {
+        self.0
+    }
 }
 
 /// `∫₀¹ ∂P(α·w)/∂w dα` per layer, as a rule computed it.
@@ -308,14 +354,10 @@ struct Integrals {
     error: Option<f64>,
 }
 
-/// A fixed rule's nodes, every layer at once.
-fn fixed_rule<F: Real>(
-    pass: &dyn PromptPass<F>,
-    gold: usize,
-    nodes: &[(f64, f64)],
-    limit: usize,
-) -> Result<Integrals> {
-    let layers: Vec<usize> = (0..pass.neurons().len()).collect();
+/// A fixed rule's nodes, every layer of every prompt at once.
+fn fixed_rule<F: Real>(batches: &Batches<'_, F>, nodes: &[(f64, f64)]) -> Result<Vec<Integrals>> {
+    let prompts = batches.passes.prompts();
+    let layers = batches.passes.pass(0).neurons().len();
     let mut weighted: Vec<Node> = nodes
         .iter()
         .map(|&(alpha, c)| Node {
@@ -332,105 +374,150 @@ fn fixed_rule<F: Real>(
             weights: [0.0, 0.0],
         });
     }
-    let [gradients, _] = weighted_gradients(pass, &layers, &weighted, 1, gold, limit)?
-        .pop()
-        .expect("one interval");
-    Ok(Integrals {
-        gradients: gradients.sums,
-        p0: gradients.p0,
-        points: nodes.len() * layers.len(),
-        error: None,
-    })
+    let jobs: Vec<Job> = (0..prompts)
+        .map(|prompt| Job {
+            prompt,
+            layers: (0..layers).collect(),
+            nodes: weighted.clone(),
+            intervals: 1,
+        })
+        .collect();
+    Ok(batches
+        .weighted_gradients(&jobs)?
+        .into_iter()
+        .map(|mut sums| {
+            let [gradients, _] = sums.pop().expect("one interval");
+            Integrals {
+                gradients: gradients.sums,
+                p0: gradients.p0,
+                points: nodes.len() * layers,
+                error: None,
+            }
+        })
+        .collect())
 }
 
 /// A part `(a, b)` of [0, 1].
 type Interval = (f64, f64);
 
-/// Adaptive Gauss–Kronrod per layer (see [`integrated_gradients`]); `tolerance` is
-/// absolute (already times `P(gold)`).
-fn gauss_kronrod<F: Real>(
-    pass: &dyn PromptPass<F>,
-    gold: usize,
+/// One prompt's adaptive integration in progress.
+struct Adaptive {
+    out: Integrals,
+    /// The estimated error of each layer's accepted intervals, summed.
+    error: Vec<f64>,
+    /// Each interval still open, with the layers that still integrate over it.
+    open: Vec<(Interval, Vec<usize>)>,
+    /// Absolute (already times the prompt's `P(gold)`).
     tolerance: f64,
-    limit: usize,
-) -> Result<Integrals> {
-    let neurons = pass.neurons();
-    let width = neurons[0].len();
-    let mut out = Integrals {
-        gradients: vec![vec![0f64; width]; neurons.len()],
-        p0: vec![f64::NAN; neurons.len()],
-        points: 0,
-        error: Some(0.0),
-    };
-    let mut error = vec![0f64; neurons.len()];
-    // Each interval still open, with the layers that still integrate over it: halving
-    // makes every interval of a round distinct, so no interval is evaluated twice.
-    let mut open: Vec<(Interval, Vec<usize>)> = vec![((0.0, 1.0), (0..neurons.len()).collect())];
+}
+
+/// Adaptive Gauss–Kronrod per layer (see [`integrated_gradients`]) for every prompt, in
+/// rounds of halving that all prompts go through together.
+fn gauss_kronrod<F: Real>(batches: &Batches<'_, F>, tolerances: &[f64]) -> Result<Vec<Integrals>> {
+    let passes = batches.passes;
+    let mut states: Vec<Adaptive> = tolerances
+        .iter()
+        .enumerate()
+        .map(|(prompt, &tolerance)| {
+            let neurons = passes.pass(prompt).neurons();
+            Adaptive {
+                out: Integrals {
+                    gradients: vec![vec![0f64; neurons[0].len()]; neurons.len()],
+                    p0: vec![f64::NAN; neurons.len()],
+                    points: 0,
+                    error: Some(0.0),
+                },
+                error: vec![0f64; neurons.len()],
+                open: vec![((0.0, 1.0), (0..neurons.len()).collect())],
+                tolerance,
+            }
+        })
+        .collect();
     for halvings in 0..=MAX_HALVINGS {
         // The intervals of a round that integrate the same layers go to the engine
         // together: one pass over the weights for all their points (both halves of an
         // interval always share their layers; on a decoder, whose points are one row
-        // each, the passes, not the points, are most of the cost).
-        let mut groups: Vec<(Vec<usize>, Vec<Interval>)> = Vec::new();
-        for (interval, layers) in open {
-            match groups.iter_mut().find(|(l, _)| *l == layers) {
-                Some((_, intervals)) => intervals.push(interval),
-                None => groups.push((layers, vec![interval])),
+        // each, the passes, not the points, are most of the cost). Halving makes every
+        // interval of a round distinct, so no interval is evaluated twice.
+        let mut jobs: Vec<Job> = Vec::new();
+        let mut job_intervals: Vec<Vec<Interval>> = Vec::new();
+        for (prompt, state) in states.iter_mut().enumerate() {
+            let mut groups: Vec<(Vec<usize>, Vec<Interval>)> = Vec::new();
+            for (interval, layers) in std::mem::take(&mut state.open) {
+                match groups.iter_mut().find(|(l, _)| *l == layers) {
+                    Some((_, intervals)) => intervals.push(interval),
+                    None => groups.push((layers, vec![interval])),
+                }
+            }
+            for (layers, intervals) in groups {
+                let mut nodes: Vec<Node> = Vec::with_capacity(15 * intervals.len() + 1);
+                for (j, &(a, b)) in intervals.iter().enumerate() {
+                    nodes.extend(kronrod_nodes(a, b).into_iter().map(|(alpha, k, g)| Node {
+                        alpha,
+                        interval: j,
+                        weights: [k, g],
+                    }));
+                }
+                if halvings == 0 {
+                    nodes.push(Node {
+                        alpha: 0.0,
+                        interval: 0,
+                        weights: [0.0, 0.0],
+                    });
+                }
+                jobs.push(Job {
+                    prompt,
+                    layers,
+                    nodes,
+                    intervals: intervals.len(),
+                });
+                job_intervals.push(intervals);
             }
         }
-        let mut next = Vec::new();
-        for (layers, intervals) in groups {
-            let mut nodes: Vec<Node> = Vec::with_capacity(15 * intervals.len() + 1);
-            for (j, &(a, b)) in intervals.iter().enumerate() {
-                nodes.extend(kronrod_nodes(a, b).into_iter().map(|(alpha, k, g)| Node {
-                    alpha,
-                    interval: j,
-                    weights: [k, g],
-                }));
-            }
-            if halvings == 0 {
-                nodes.push(Node {
-                    alpha: 0.0,
-                    interval: 0,
-                    weights: [0.0, 0.0],
-                });
-            }
-            let sums = weighted_gradients(pass, &layers, &nodes, intervals.len(), gold, limit)?;
-            for (&(a, b), [kronrod, gauss]) in intervals.iter().zip(&sums) {
-                out.points += 15 * layers.len();
+        if jobs.is_empty() {
+            break;
+        }
+        let results = batches.weighted_gradients(&jobs)?;
+        for ((job, intervals), sums) in jobs.iter().zip(&job_intervals).zip(&results) {
+            let state = &mut states[job.prompt];
+            let neurons = passes.pass(job.prompt).neurons();
+            for (&(a, b), [kronrod, gauss]) in intervals.iter().zip(sums) {
+                state.out.points += 15 * job.layers.len();
                 let mut halve = Vec::new();
-                for (i, &layer) in layers.iter().enumerate() {
+                for (i, &layer) in job.layers.iter().enumerate() {
                     if halvings == 0 {
-                        out.p0[layer] = kronrod.p0[i];
+                        state.out.p0[layer] = kronrod.p0[i];
                     }
                     let estimate = neurons[layer]
                         .iter()
                         .zip(kronrod.sums[i].iter().zip(&gauss.sums[i]))
                         .map(|(&w, (k, g))| (w.to_f64().unwrap_or(f64::NAN) * (k - g)).abs())
                         .fold(0.0, f64::max);
-                    if estimate <= tolerance * (b - a) || halvings == MAX_HALVINGS {
-                        for (sum, k) in out.gradients[layer].iter_mut().zip(&kronrod.sums[i]) {
+                    if estimate <= state.tolerance * (b - a) || halvings == MAX_HALVINGS {
+                        for (sum, k) in state.out.gradients[layer].iter_mut().zip(&kronrod.sums[i])
+                        {
                             *sum += k;
                         }
-                        error[layer] += estimate;
+                        state.error[layer] += estimate;
                     } else {
                         halve.push(layer);
                     }
                 }
                 if !halve.is_empty() {
                     let middle = (a + b) / 2.0;
-                    next.push(((a, middle), halve.clone()));
-                    next.push(((middle, b), halve));
+                    state.open.push(((a, middle), halve.clone()));
+                    state.open.push(((middle, b), halve));
                 }
             }
         }
-        open = next;
-        if open.is_empty() {
-            break;
-        }
     }
-    out.error = Some(error.into_iter().fold(0.0, f64::max));
-    Ok(out)
+    Ok(states
+        .into_iter()
+        .map(|mut state| {
+            state.out.error = Some(state.error.into_iter().fold(0.0, f64::max));
+            state.out
+        })
+        .collect())
 }
 
 /// Per weight set: the weighted gradient sums of `layers` (in their order) and `P(0)`
@@ -449,56 +536,144 @@ struct Node {
     weights: [f64; 2],
 }
 
-/// `Σ_k c_k ∂P(α_k·w)/∂w` over each of `intervals` intervals' nodes, for two weight
-/// sets `c`, for `layers`, in equal batches of at most `limit` points, all layers of a
-/// batch at once (the engine stacks them; see `Engine::gradients`); a batch out of
-/// device memory is redone in halves. A node of α = 0 gives `P(0)` to its interval.
-fn weighted_gradients<F: Real>(
-    pass: &dyn PromptPass<F>,
-    layers: &[usize],
-    nodes: &[Node],
+/// A prompt's nodes over `intervals` intervals, for `layers`.
+struct Job {
+    prompt: usize,
+    layers: Vec<usize>,
+    nodes: Vec<Node>,
     intervals: usize,
+}
+
+/// How a fact's integration points go to the engine: in equal batches of at most
+/// `limit` points (each prompt's own, or one for all prompts when the engine evaluates
+/// them jointly), all layers of a batch at once (the engine stacks them; see
+/// `PromptPass::gradients`); a batch out of device memory is redone in halves.
+struct Batches<'a, F> {
+    passes: &'a dyn PromptPasses<F>,
     gold: usize,
-    limit: usize,
-) -> Result<Vec<[WeightedSums; 2]>> {
-    let width = pass.neurons()[0].len();
-    let empty = || WeightedSums {
-        sums: vec![vec![0f64; width]; layers.len()],
-        p0: vec![f64::NAN; layers.len()],
-    };
-    let mut out: Vec<[WeightedSums; 2]> = (0..intervals).map(|_| [empty(), empty()]).collect();
-    let mut size = nodes.len().div_ceil(nodes.len().div_ceil(limit));
-    let mut start = 0;
-    while start < nodes.len() {
-        let chunk = &nodes[start..(start + size).min(nodes.len())];
-        let alphas: Vec<F> = chunk.iter().map(|n| F::of(n.alpha)).collect();
-        let results = match pass.gradients(layers, &alphas, gold) {
-            Ok(results) => results,
-            Err(Error::OutOfMemory { .. }) if size > 1 => {
-                size = size.div_ceil(2);
-                continue;
-            }
-            Err(e) => return Err(e),
+    /// Points per batch, per prompt.
+    limits: Vec<usize>,
+}
+
+impl<'a, F: Real> Batches<'a, F> {
+    fn new(passes: &'a dyn PromptPasses<F>, gold: usize, options: &IgOptions) -> Self {
+        let budget = options.budget.unwrap_or(CACHE_BUDGET);
+        let limit = |bytes: usize| {
+            options
+                .chunk
+                .unwrap_or_else(|| budget / bytes.max(1))
+                .max(1)
         };
-        for (i, result) in results.iter().enumerate() {
-            for (b, node) in chunk.iter().enumerate() {
-                let row = &result.gradients[b * width..(b + 1) * width];
-                for (set, &weight) in out[node.interval].iter_mut().zip(&node.weights) {
-                    if node.alpha == 0.0 {
-                        set.p0[i] = result.probabilities[b].to_f64().unwrap_or(f64::NAN);
-                    }
-                    if weight == 0.0 {
-                        continue;
-                    }
-                    for (sum, &g) in set.sums[i].iter_mut().zip(row) {
-                        *sum += weight * g.to_f64().unwrap_or(f64::NAN);
+        let bytes: Vec<usize> = (0..passes.prompts())
+            .map(|p| passes.pass(p).cache_bytes_per_point())
+            .collect();
+        let limits = if passes.joint() {
+            // A joint batch takes the longest prompt's share for every point.
+            let widest = bytes.iter().copied().max().unwrap_or(1);
+            vec![limit(widest); bytes.len()]
+        } else {
+            bytes.into_iter().map(limit).collect()
+        };
+        Self {
+            passes,
+            gold,
+            limits,
+        }
+    }
+
+    /// For each job, `Σ_k c_k ∂P(α_k·w)/∂w` over each of its intervals' nodes, for both
+    /// weight sets `c`. A node of α = 0 gives `P(0)` to its interval.
+    fn weighted_gradients(&self, jobs: &[Job]) -> Result<Vec<Vec<[WeightedSums; 2]>>> {
+        let width = self.passes.pass(0).neurons()[0].len();
+        let mut out: Vec<Vec<[WeightedSums; 2]>> = jobs
+            .iter()
+            .map(|job| {
+                let empty = || WeightedSums {
+                    sums: vec![vec![0f64; width]; job.layers.len()],
+                    p0: vec![f64::NAN; job.layers.len()],
+                };
+                (0..job.intervals).map(|_| [empty(), empty()]).collect()
+            })
+            .collect();
+        // The points of a batch: (job, node) pairs; one job's alone unless joint.
+        let points: Vec<(usize, usize)> = jobs
+            .iter()
+            .enumerate()
+            .flat_map(|(j, job)| (0..job.nodes.len()).map(move |k| (j, k)))
+            .collect();
+        let runs: Vec<&[(usize, usize)]> = if self.passes.joint() {
+            vec![&points[..]]
+        } else {
+            points.chunk_by(|a, b| a.0 == b.0).collect()
+        };
+        for run in runs {
+            let limit = self.limits[jobs[run[0].0].prompt];
+            let mut size = run.len().div_ceil(run.len().div_ceil(limit));
+            let mut start = 0;
+            while start < run.len() {
+                let chunk = &run[start..(start + size).min(run.len())];
+                match self.evaluate(jobs, chunk, &mut out, width) {
+                    Ok(()) => start += chunk.len(),
+                    Err(Error::OutOfMemory { .. }) if size > 1 => size = size.div_ceil(2),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One batch: `chunk`'s points, one request per job, their weighted gradients added
+    /// to `out`. Nothing is added when the engine fails.
+    fn evaluate(
+        &self,
+        jobs: &[Job],
+        chunk: &[(usize, usize)],
+        out: &mut [Vec<[WeightedSums; 2]>],
+        width: usize,
+    ) -> Result<()> {
+        let parts: Vec<&[(usize, usize)]> = chunk.chunk_by(|a, b| a.0 == b.0).collect();
+        let alphas: Vec<Vec<F>> = parts
+            .iter()
+            .map(|part| {
+                let nodes = &jobs[part[0].0].nodes;
+                part.iter().map(|&(_, k)| F::of(nodes[k].alpha)).collect()
+            })
+            .collect();
+        let requests: Vec<Request<'_, F>> = parts
+            .iter()
+            .zip(&alphas)
+            .map(|(part, alphas)| {
+                let job = &jobs[part[0].0];
+                Request {
+                    prompt: job.prompt,
+                    layers: &job.layers,
+                    alphas,
+                }
+            })
+            .collect();
+        let results = self.passes.gradients(&requests, self.gold)?;
+        for (part, layer_results) in parts.iter().zip(results) {
+            let (j, nodes) = (part[0].0, &jobs[part[0].0].nodes);
+            for (i, result) in layer_results.iter().enumerate() {
+                for (b, &(_, k)) in part.iter().enumerate() {
+                    let node = nodes[k];
+                    let row = &result.gradients[b * width..(b + 1) * width];
+                    for (set, &weight) in out[j][node.interval].iter_mut().zip(&node.weights) {
+                        if node.alpha == 0.0 {
+                            set.p0[i] = result.probabilities[b].to_f64().unwrap_or(f64::NAN);
+                        }
+                        if weight == 0.0 {
+                            continue;
+                        }
+                        for (sum, &g) in set.sums[i].iter_mut().zip(row) {
+                            *sum += weight * g.to_f64().unwrap_or(f64::NAN);
+                        }
                     }
                 }
             }
         }
-        start += chunk.len();
+        Ok(())
     }
-    Ok(out)
 }
 
 /// The paper's baseline: each neuron's score is its activation at the mask.

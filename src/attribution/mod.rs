@@ -233,9 +233,13 @@ impl Attributor {
                     .map_err(|e| Error::Prompt(format!("prompt {}: {e}", n + 1)))
             })
             .collect::<Result<Vec<_>>>()?;
-        for (prompt, encoded) in fact.prompts.iter().zip(encoded) {
+        let inputs: Vec<(&[u32], usize)> = encoded
+            .iter()
+            .map(|e| (&e.ids[..], e.mask_position))
+            .collect();
+        let attributions = self.scores_of_all(&inputs, answer_id)?;
+        for ((prompt, encoded), attribution) in fact.prompts.iter().zip(encoded).zip(attributions) {
             let mask = encoded.mask_position;
-            let attribution = self.scores_of(&encoded.ids, mask, answer_id)?;
             let max = max_score(&attribution.scores);
             let stored = above(&attribution.scores, self.options.stored_fraction());
             let (coarse, kept) = split_at_threshold(stored, max, self.options.threshold);
@@ -285,6 +289,41 @@ impl Attributor {
             Engines::F64(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
             Engines::TensorF32(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
             Engines::TensorF64(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
+        }
+    }
+
+    /// The scores of a fact's prompts (token ids, answer position), whose points the
+    /// tensor engine evaluates together.
+    fn scores_of_all(
+        &self,
+        prompts: &[(&[u32], usize)],
+        answer_id: u32,
+    ) -> Result<Vec<ig::PromptAttribution>> {
+        match &self.engine {
+            Engines::F32(engine) => self.scores_of_passes(engine.prepare_all(prompts)?, answer_id),
+            Engines::F64(engine) => self.scores_of_passes(engine.prepare_all(prompts)?, answer_id),
+            Engines::TensorF32(engine) => {
+                self.scores_of_passes(engine.prepare_all(prompts)?, answer_id)
+            }
+            Engines::TensorF64(engine) => {
+                self.scores_of_passes(engine.prepare_all(prompts)?, answer_id)
+            }
+        }
+    }
+
+    fn scores_of_passes<F: engine::Real>(
+        &self,
+        passes: Box<dyn engine::PromptPasses<F> + '_>,
+        answer_id: u32,
+    ) -> Result<Vec<ig::PromptAttribution>> {
+        let gold = answer_id as usize;
+        match self.options.method {
+            Method::IntegratedGradients => {
+                ig::integrated_gradients_of_prompts(passes.as_ref(), gold, &self.options.ig)
+            }
+            Method::Activation => Ok((0..passes.prompts())
+                .map(|p| ig::activation_scores(passes.pass(p), gold))
+                .collect()),
         }
     }
 

@@ -68,7 +68,8 @@ pub(super) struct AttributeArgs {
     #[arg(long, conflicts_with = "keep")]
     compact: bool,
     /// At most this many integration points per batch (default: as many as fit in
-    /// 160 MiB of cached activations). Lower it to bound memory.
+    /// 160 MiB of cached activations; on the tensor engine, the points of all the fact's
+    /// prompts together). Lower it to bound memory.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     chunk: Option<u64>,
     /// The engine's float type: f32 (vectorised), or f64 (about twice the time; scores
@@ -83,8 +84,8 @@ pub(super) struct AttributeArgs {
     #[arg(long, default_value = "auto", value_name = "auto|flat|tensor")]
     engine: EngineChoice,
     /// Device memory in MiB the tensor engine's batches of integration points may take
-    /// (default on CUDA: 8192; elsewhere the CPU's 160). Out of memory, a batch is redone
-    /// in halves.
+    /// (default on CUDA: 8192; elsewhere the CPU's 160), the points of all the fact's
+    /// prompts together. Out of memory, a batch is redone in halves.
     #[arg(long, value_name = "MiB", value_parser = clap::value_parser!(u64).range(1..))]
     gpu_memory: Option<u64>,
     /// Append to an existing --out, skipping facts already there (same parameters only).

@@ -17,9 +17,10 @@ use crate::model::config::Activation;
 use crate::model::BertMaskedLm;
 
 use super::ops::{
-    activate, gold_probability_gradient, push_rows, scaled, softmax, Dense, Dtypes, Norm,
-    NormCache, Ops,
+    activate, cat_rows, device_name, gold_probability_gradient, host, layer_results, scaled,
+    softmax, Blocks, Dense, Dtypes, Norm, NormCache, Ops,
 };
+use super::TensorPass;
 
 /// One transformer block.
 #[derive(Debug, Clone)]
@@ -34,17 +35,41 @@ struct Block {
     out_norm: Norm,
 }
 
-/// What a block's backward needs from its forward.
-struct BlockCache {
-    /// `None`: every row is a query; `Some(p)`: only row `p` (the top layer).
+/// `n` sequences of `seq` rows in a stacked batch (one prompt's), with every row a query
+/// or only row `only` of each sequence (the top layer: the mask).
+#[derive(Debug, Clone, Copy)]
+struct Part {
+    n: usize,
+    seq: usize,
     only: Option<usize>,
+}
+
+impl Part {
+    /// Query rows per sequence.
+    fn queries(&self) -> usize {
+        if self.only.is_some() {
+            1
+        } else {
+            self.seq
+        }
+    }
+}
+
+/// One part's attention, for the backward.
+struct Attention {
     /// `[n, heads, Q, d]`, `[n, heads, S, d]` (twice), `[n, heads, Q, S]`.
     q: Tensor,
     k: Tensor,
     v: Tensor,
     probs: Tensor,
+}
+
+/// What a block's backward needs from its forward.
+struct BlockCache {
+    parts: Vec<Part>,
+    attention: Vec<Attention>,
     attn_norm: NormCache,
-    /// f'(pre-activation) of the neurons, `[n·Q, I]`.
+    /// f'(pre-activation) of the neurons, `[Σ n·Q, I]`.
     slope: Tensor,
     out_norm: NormCache,
 }
@@ -173,7 +198,12 @@ impl BertTensorEngine {
         let mut x = self.embed(ids)?;
         let (mut inputs, mut attended, mut device_neurons) = (Vec::new(), Vec::new(), Vec::new());
         for block in &self.blocks {
-            let (out, _, ffn_input, neurons) = self.block_forward(block, &x, 1, seq, None)?;
+            let part = Part {
+                n: 1,
+                seq,
+                only: None,
+            };
+            let (out, _, ffn_input, neurons) = self.block_forward(block, &x, &[part])?;
             attended.push(ffn_input.narrow(0, mask, 1)?);
             device_neurons.push(neurons.narrow(0, mask, 1)?);
             inputs.push(x);
@@ -188,7 +218,7 @@ impl BertTensorEngine {
                 .iter()
                 .map(F::from_tensor)
                 .collect::<Result<_>>()?,
-            probabilities: F::from_tensor(&probabilities)?,
+            probabilities: host(&probabilities)?,
             inputs,
             attended,
             device_neurons,
@@ -209,39 +239,59 @@ impl BertTensorEngine {
         x.transpose(1, 2)?.reshape((n * rows, self.hidden))
     }
 
-    /// One block on `x [n·S, H]`, all rows or only row `only` of each sequence as
-    /// queries. Returns the output `[n·Q, H]`, the cache, the FFN input and the neurons
-    /// (`[n·Q, H]`, `[n·Q, I]`).
+    /// One block on the parts' sequences stacked in `x [Σ n·S, H]`. Returns the output
+    /// `[Σ n·Q, H]`, the cache, the FFN input and the neurons (`[Σ n·Q, H]`, `[Σ n·Q, I]`).
     fn block_forward(
         &self,
         block: &Block,
         x: &Tensor,
-        n: usize,
-        seq: usize,
-        only: Option<usize>,
+        parts: &[Part],
     ) -> Ops<(Tensor, BlockCache, Tensor, Tensor)> {
         let h = self.hidden;
-        let (x_q, nq) = match only {
-            None => (x.clone(), seq),
-            Some(p) => (x.reshape((n, seq, h))?.narrow(1, p, 1)?.reshape((n, h))?, 1),
+        let x_q = if parts.iter().any(|p| p.only.is_some()) {
+            let mut start = 0;
+            let mut rows = Vec::with_capacity(parts.len());
+            for part in parts {
+                let x = x.narrow(0, start, part.n * part.seq)?;
+                rows.push(match part.only {
+                    Some(p) => x
+                        .reshape((part.n, part.seq, h))?
+                        .narrow(1, p, 1)?
+                        .reshape((part.n, h))?,
+                    None => x,
+                });
+                start += part.n * part.seq;
+            }
+            cat_rows(rows)?
+        } else {
+            x.clone()
         };
-        let q = self.split_heads(&block.query.forward(&x_q)?, n, nq)?;
-        let k = self.split_heads(&block.key.forward(x)?, n, seq)?;
-        let v = self.split_heads(&block.value.forward(x)?, n, seq)?;
+        let (q_all, k_all, v_all) = (
+            block.query.forward(&x_q)?,
+            block.key.forward(x)?,
+            block.value.forward(x)?,
+        );
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
-        let probs = softmax(&(q.matmul(&k.t()?)? * scale)?)?;
-        let context = self.merge_heads(&probs.matmul(&v)?)?;
-        let attn = (block.attn_out.forward(&context)? + &x_q)?;
+        let (mut start, mut q_start) = (0, 0);
+        let (mut contexts, mut attention) = (Vec::new(), Vec::new());
+        for part in parts {
+            let (n, seq, nq) = (part.n, part.seq, part.queries());
+            let q = self.split_heads(&q_all.narrow(0, q_start, n * nq)?, n, nq)?;
+            let k = self.split_heads(&k_all.narrow(0, start, n * seq)?, n, seq)?;
+            let v = self.split_heads(&v_all.narrow(0, start, n * seq)?, n, seq)?;
+            let probs = softmax(&(q.matmul(&k.t()?)? * scale)?)?;
+            contexts.push(self.merge_heads(&probs.matmul(&v)?)?);
+            attention.push(Attention { q, k, v, probs });
+            (start, q_start) = (start + n * seq, q_start + n * nq);
+        }
+        let attn = (block.attn_out.forward(&cat_rows(contexts)?)? + &x_q)?;
         let (attended, attn_norm) = block.attn_norm.forward(&attn)?;
         let (neurons, slope) = activate(self.activation, &block.up.forward(&attended)?)?;
         let out = (block.down.forward(&neurons)? + &attended)?;
         let (out, out_norm) = block.out_norm.forward(&out)?;
         let cache = BlockCache {
-            only,
-            q,
-            k,
-            v,
-            probs,
+            parts: parts.to_vec(),
+            attention,
             attn_norm,
             slope,
             out_norm,
@@ -249,9 +299,8 @@ impl BertTensorEngine {
         Ok((out, cache, attended, neurons))
     }
 
-    /// The gradient of a block's input `[n·S, H]` from its output rows' `[n·Q, H]`.
+    /// The gradient of a block's input `[Σ n·S, H]` from its output rows' `[Σ n·Q, H]`.
     fn block_backward(&self, block: &Block, cache: &BlockCache, d_out: &Tensor) -> Ops<Tensor> {
-        let (n, _, seq, _) = cache.k.dims4()?;
         let h = self.hidden;
         let scale = 1.0 / ((h / self.heads) as f64).sqrt();
         let d_res2 = block.out_norm.backward(d_out, &cache.out_norm)?;
@@ -259,35 +308,54 @@ impl BertTensorEngine {
         let d_neurons = (block.down.backward_input(&d_res2)? * &cache.slope)?;
         let d_attended = (block.up.backward_input(&d_neurons)? + d_res2)?;
         let d_res1 = block.attn_norm.backward(&d_attended, &cache.attn_norm)?;
-        let nq = cache.q.dim(2)?;
-        let d_context = self.split_heads(&block.attn_out.backward_input(&d_res1)?, n, nq)?;
-        // Attention: dP = dC·Vᵀ, dV = Pᵀ·dC, dS = P ⊙ (dP − Σ P⊙dP).
-        let d_probs = d_context.matmul(&cache.v.t()?)?;
-        let d_v = cache.probs.t()?.matmul(&d_context)?;
-        let weighted = (&cache.probs * &d_probs)?.sum_keepdim(3)?;
-        let d_scores = ((&cache.probs * d_probs.broadcast_sub(&weighted)?)? * scale)?;
-        let d_q = self.merge_heads(&d_scores.matmul(&cache.k)?)?;
-        let d_k = self.merge_heads(&d_scores.t()?.matmul(&cache.q)?)?;
-        let d_v = self.merge_heads(&d_v)?;
-        let d_x = (block.key.backward_input(&d_k)? + block.value.backward_input(&d_v)?)?;
-        // The query path and the residual reach only the query rows.
-        let d_xq = (block.query.backward_input(&d_q)? + d_res1)?;
-        match cache.only {
-            None => d_x + d_xq,
-            Some(p) => {
-                let d_x = d_x.reshape((n, seq, h))?;
-                let row = (d_x.narrow(1, p, 1)? + d_xq.reshape((n, 1, h))?)?;
-                let mut parts = Vec::with_capacity(3);
-                if p > 0 {
-                    parts.push(d_x.narrow(1, 0, p)?);
-                }
-                parts.push(row);
-                if p + 1 < seq {
-                    parts.push(d_x.narrow(1, p + 1, seq - p - 1)?);
-                }
-                Tensor::cat(&parts, 1)?.reshape((n * seq, h))
-            }
+        let d_context_all = block.attn_out.backward_input(&d_res1)?;
+        let mut q_start = 0;
+        let (mut d_qs, mut d_ks, mut d_vs) = (Vec::new(), Vec::new(), Vec::new());
+        for (part, a) in cache.parts.iter().zip(&cache.attention) {
+            let (n, nq) = (part.n, part.queries());
+            let d_context = self.split_heads(&d_context_all.narrow(0, q_start, n * nq)?, n, nq)?;
+            // Attention: dP = dC·Vᵀ, dV = Pᵀ·dC, dS = P ⊙ (dP − Σ P⊙dP).
+            let d_probs = d_context.matmul(&a.v.t()?)?;
+            let d_v = a.probs.t()?.matmul(&d_context)?;
+            let weighted = (&a.probs * &d_probs)?.sum_keepdim(3)?;
+            let d_scores = ((&a.probs * d_probs.broadcast_sub(&weighted)?)? * scale)?;
+            d_qs.push(self.merge_heads(&d_scores.matmul(&a.k)?)?);
+            d_ks.push(self.merge_heads(&d_scores.t()?.matmul(&a.q)?)?);
+            d_vs.push(self.merge_heads(&d_v)?);
+            q_start += n * nq;
         }
+        let d_x = (block.key.backward_input(&cat_rows(d_ks)?)?
+            + block.value.backward_input(&cat_rows(d_vs)?)?)?;
+        // The query path and the residual reach only the query rows.
+        let d_xq = (block.query.backward_input(&cat_rows(d_qs)?)? + d_res1)?;
+        if cache.parts.iter().all(|p| p.only.is_none()) {
+            return d_x + d_xq;
+        }
+        let (mut start, mut q_start) = (0, 0);
+        let mut rows = Vec::with_capacity(3 * cache.parts.len());
+        for part in &cache.parts {
+            let (n, seq, nq) = (part.n, part.seq, part.queries());
+            let d_x = d_x.narrow(0, start, n * seq)?;
+            let d_xq = d_xq.narrow(0, q_start, n * nq)?;
+            match part.only {
+                None => rows.push((d_x + d_xq)?),
+                Some(p) => {
+                    let d_x = d_x.reshape((n, seq, h))?;
+                    let row = (d_x.narrow(1, p, 1)? + d_xq.reshape((n, 1, h))?)?;
+                    let mut pieces = Vec::with_capacity(3);
+                    if p > 0 {
+                        pieces.push(d_x.narrow(1, 0, p)?);
+                    }
+                    pieces.push(row);
+                    if p + 1 < seq {
+                        pieces.push(d_x.narrow(1, p + 1, seq - p - 1)?);
+                    }
+                    rows.push(Tensor::cat(&pieces, 1)?.reshape((n * seq, h))?);
+                }
+            }
+            (start, q_start) = (start + n * seq, q_start + n * nq);
+        }
+        cat_rows(rows)
     }
 
     /// The head on rows `[R, H]`: probabilities `[R, V]`, and the transform's slope and
@@ -306,6 +374,127 @@ impl BertTensorEngine {
         let d_normed = self.decoder.backward_input(d_logits)?;
         let d_activated = (self.head_norm.backward(&d_normed, &cache.1)? * &cache.0)?;
         self.head_dense.backward_input(&d_activated)
+    }
+}
+
+/// One request of a joint batch: a prompt's pass, its layers (ascending, distinct) and
+/// its integration points.
+pub(super) type Request<'p, 'a, F> = (&'p BertTensorPass<'a, F>, &'p [usize], &'p [f64]);
+
+impl BertTensorEngine {
+    /// The stacked integration (see `attribution::bert`'s `gradients`) of several
+    /// requests at once: at layer d every group L < d of every request is one batch, each
+    /// request's sequences a block of their own length (attention is per block, the
+    /// dense products on all rows); the head runs once for all; the backward comes down
+    /// the same way, a group leaving where it entered.
+    pub(super) fn gradients<F: Real>(
+        &self,
+        requests: &[Request<'_, '_, F>],
+        gold: usize,
+    ) -> Ops<Vec<Vec<LayerGradients<F>>>> {
+        let h = self.hidden;
+        let top = self.blocks.len() - 1;
+        let Some(&first) = requests.iter().filter_map(|r| r.1.first()).min() else {
+            return Ok(requests.iter().map(|_| Vec::new()).collect());
+        };
+        let group_of = |r: usize, layer: usize| requests[r].1.iter().position(|&l| l == layer);
+        let own = requests
+            .iter()
+            .map(|(pass, layers, alphas)| {
+                layers
+                    .iter()
+                    .map(|&layer| pass.own_forward(layer, alphas))
+                    .collect::<Ops<Vec<_>>>()
+            })
+            .collect::<Ops<Vec<_>>>()?;
+
+        let mut blocks = Blocks::new(requests.len());
+        let mut x: Option<Tensor> = None;
+        let mut caches = Vec::new();
+        for depth in first + 1..=top {
+            let new = (0..requests.len())
+                .map(|r| {
+                    group_of(r, depth - 1)
+                        .map(|g| requests[r].0.with_mask_rows(depth, &own[r][g].0))
+                        .transpose()
+                })
+                .collect::<Ops<Vec<_>>>()?;
+            let input = blocks.push(x.take(), &new)?;
+            let parts: Vec<Part> = requests
+                .iter()
+                .zip(&blocks.rows)
+                .filter(|(_, &rows)| rows > 0)
+                .map(|((pass, _, _), &rows)| Part {
+                    n: rows / pass.seq,
+                    seq: pass.seq,
+                    only: (depth == top).then_some(pass.mask),
+                })
+                .collect();
+            let (out, cache, _, _) = self.block_forward(&self.blocks[depth], &input, &parts)?;
+            caches.push((depth, cache, blocks.clone()));
+            if depth == top {
+                for (rows, (pass, _, _)) in blocks.rows.iter_mut().zip(requests) {
+                    *rows /= pass.seq;
+                }
+            }
+            x = Some(out);
+        }
+        let new: Vec<Option<Tensor>> = (0..requests.len())
+            .map(|r| group_of(r, top).map(|g| own[r][g].0.clone()))
+            .collect();
+        let head_rows = blocks.push(x, &new)?;
+        // Block r's rows at the head: its groups in order, `b` rows each.
+        let head_spans = blocks.spans();
+        let (probs, head_cache) = self.head_forward(&head_rows)?;
+        let (gold_p, d_logits) = gold_probability_gradient(&probs, gold)?;
+        drop(probs);
+        let d = self.head_backward(&d_logits, &head_cache)?;
+        drop(d_logits);
+
+        let mut d_own: Vec<Vec<Option<Tensor>>> =
+            requests.iter().map(|r| vec![None; r.1.len()]).collect();
+        let own_backward = |r: usize, g: usize, d_rows: &Tensor| -> Ops<Tensor> {
+            let block = &self.blocks[requests[r].1[g]];
+            block
+                .down
+                .backward_input(&block.out_norm.backward(d_rows, &own[r][g].1)?)
+        };
+        let take: Vec<usize> = (0..requests.len())
+            .map(|r| group_of(r, top).map_or(0, |_| requests[r].2.len()))
+            .collect();
+        let (mut d, taken) = blocks.pop(&d, &take)?;
+        for (r, rows) in taken.iter().enumerate() {
+            if let (Some(rows), Some(g)) = (rows, group_of(r, top)) {
+                d_own[r][g] = Some(own_backward(r, g, rows)?);
+            }
+        }
+        while let Some((depth, cache, entered)) = caches.pop() {
+            let d_out = d.take().expect("groups below the top stay in the stack");
+            let d_in = self.block_backward(&self.blocks[depth], &cache, &d_out)?;
+            drop(cache);
+            blocks = entered;
+            let take: Vec<usize> = requests
+                .iter()
+                .enumerate()
+                .map(|(r, (pass, _, alphas))| {
+                    group_of(r, depth - 1).map_or(0, |_| alphas.len() * pass.seq)
+                })
+                .collect();
+            let (rest, taken) = blocks.pop(&d_in, &take)?;
+            for (r, rows) in taken.iter().enumerate() {
+                if let (Some(rows), Some(g)) = (rows, group_of(r, depth - 1)) {
+                    let (pass, b) = (requests[r].0, requests[r].2.len());
+                    let rows = rows
+                        .reshape((b, pass.seq, h))?
+                        .narrow(1, pass.mask, 1)?
+                        .reshape((b, h))?;
+                    d_own[r][g] = Some(own_backward(r, g, &rows)?);
+                }
+            }
+            d = rest;
+        }
+        let points: Vec<usize> = requests.iter().map(|r| r.2.len()).collect();
+        layer_results(&gold_p, &head_spans, &points, d_own)
     }
 }
 
@@ -349,97 +538,18 @@ impl<F: Real> BertTensorPass<'_, F> {
         }
         Tensor::cat(&parts, 1)?.reshape((b * seq, h))
     }
+}
 
-    /// The stacked integration of `layers` (see `attribution::bert`'s `gradients`): at
-    /// layer d every group L < d is one batch; the head runs once for all groups; the
-    /// backward comes down the same way, a group leaving where it entered.
-    pub(super) fn gradients(
-        &self,
-        layers: &[usize],
-        alphas: &[f64],
-        gold: usize,
-    ) -> Ops<Vec<LayerGradients<F>>> {
-        let e = self.engine;
-        let Some(&first) = layers.first() else {
-            return Ok(Vec::new());
-        };
-        let (h, seq, mask) = (e.hidden, self.seq, self.mask);
-        let b = alphas.len();
-        let top = e.blocks.len() - 1;
-        let group_of = |layer: usize| layers.iter().position(|&l| l == layer);
-        let own = layers
-            .iter()
-            .map(|&layer| self.own_forward(layer, alphas))
-            .collect::<Ops<Vec<_>>>()?;
-
-        let mut x: Option<Tensor> = None;
-        let mut stacked = 0;
-        let mut caches = Vec::new();
-        for depth in first + 1..=top {
-            if let Some(g) = group_of(depth - 1) {
-                x = Some(push_rows(x, &self.with_mask_rows(depth, &own[g].0)?)?);
-                stacked += 1;
-            }
-            let only = (depth == top).then_some(mask);
-            let input = x.take().expect("a group is stacked");
-            let (out, cache, _, _) =
-                e.block_forward(&e.blocks[depth], &input, stacked * b, seq, only)?;
-            caches.push((depth, cache));
-            x = Some(out);
-        }
-        if let Some(g) = group_of(top) {
-            x = Some(push_rows(x, &own[g].0)?);
-        }
-        let head_rows = x.expect("at least one group");
-        let (probs, head_cache) = e.head_forward(&head_rows)?;
-        let (gold_p, d_logits) = gold_probability_gradient(&probs, gold)?;
-        drop(probs);
-        let mut d = e.head_backward(&d_logits, &head_cache)?;
-        drop(d_logits);
-
-        let mut d_own: Vec<Option<Tensor>> = vec![None; layers.len()];
-        let own_backward = |g: usize, d_rows: &Tensor| -> Ops<Tensor> {
-            let block = &e.blocks[layers[g]];
-            block
-                .down
-                .backward_input(&block.out_norm.backward(d_rows, &own[g].1)?)
-        };
-        if let Some(g) = group_of(top) {
-            d_own[g] = Some(own_backward(g, &d.narrow(0, g * b, b)?)?);
-            d = d.narrow(0, 0, g * b)?;
-        }
-        while let Some((depth, cache)) = caches.pop() {
-            d = e.block_backward(&e.blocks[depth], &cache, &d)?;
-            drop(cache);
-            if let Some(g) = group_of(depth - 1) {
-                let rows = d
-                    .narrow(0, g * b * seq, b * seq)?
-                    .reshape((b, seq, h))?
-                    .narrow(1, mask, 1)?
-                    .reshape((b, h))?;
-                d_own[g] = Some(own_backward(g, &rows)?);
-                d = d.narrow(0, 0, g * b * seq)?;
-            }
-        }
-        let gold_p = F::from_tensor(&gold_p).map_err(into_candle)?;
-        d_own
-            .into_iter()
-            .zip(gold_p.chunks(b))
-            .map(|(gradients, p)| {
-                let gradients = gradients.expect("every group left the stack");
-                Ok(LayerGradients {
-                    probabilities: p.to_vec(),
-                    gradients: F::from_tensor(&gradients).map_err(into_candle)?,
-                })
-            })
-            .collect()
+impl<F: Real> TensorPass<F> for BertTensorPass<'_, F> {
+    fn host(&self) -> (&[Vec<F>], &[F]) {
+        (&self.neurons, &self.probabilities)
     }
 
     /// Bytes of device memory one integration point takes when all layers are stacked:
     /// each layer's cache (q, k, v, two norms, the slopes, the attention probabilities)
     /// for the groups below it, the head's logits; twice, for what the products hold
     /// while they run.
-    pub(super) fn bytes_per_point(&self) -> usize {
+    fn bytes_per_point(&self) -> usize {
         let e = self.engine;
         let (h, i, n, seq) = (e.hidden, e.intermediate, e.blocks.len(), self.seq);
         let row = 5 * h + i + e.heads * seq;
@@ -447,16 +557,14 @@ impl<F: Real> BertTensorPass<'_, F> {
         2 * (groups * seq * row + n * 3 * e.vocab) * e.dtype.size_in_bytes()
     }
 
-    /// The normal pass's neurons and probabilities on the host.
-    pub(super) fn host(&self) -> (&[Vec<F>], &[F]) {
-        (&self.neurons, &self.probabilities)
+    fn device_name(&self) -> &'static str {
+        device_name(self.engine.device())
     }
-}
 
-/// A host-copy error as candle's (it is one).
-fn into_candle(e: Error) -> candle_core::Error {
-    match e {
-        Error::Candle(e) => e,
-        other => candle_core::Error::Msg(other.to_string()),
+    fn joint(
+        requests: &[(&Self, &[usize], &[f64])],
+        gold: usize,
+    ) -> Ops<Vec<Vec<LayerGradients<F>>>> {
+        requests[0].0.engine.gradients(requests, gold)
     }
 }

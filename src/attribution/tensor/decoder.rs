@@ -17,8 +17,11 @@ use crate::model::gpt2::Gpt2;
 use crate::model::llama::{rotary_tables, Llama};
 use crate::model::nn::most_negative;
 
-use super::ops::{activate, gold_probability_gradient, push_rows, scaled, softmax, Dense, Norm};
-use super::ops::{Dtypes, NormCache, Ops};
+use super::ops::{
+    activate, cat_rows, device_name, gold_probability_gradient, host, layer_results, scaled,
+    softmax, Blocks, Dense, Dtypes, Norm, NormCache, Ops,
+};
+use super::TensorPass;
 
 /// One decoder layer.
 #[derive(Debug, Clone)]
@@ -66,8 +69,8 @@ struct RowCache {
     q: Tensor,
     own_k: Tensor,
     own_v: Tensor,
-    /// `[kv, R·group, S]`: the cached positions, then the row's own.
-    probs: Tensor,
+    /// Each part's `[kv, rows·group, S]`: its cached positions, then the row's own.
+    probs: Vec<Tensor>,
     /// The FFN: the activation's slope, and SwiGLU's `silu(gate)` and `up`.
     slope: Tensor,
     gated: Option<(Tensor, Tensor)>,
@@ -292,7 +295,6 @@ impl DecoderTensorEngine {
                 ))
             })
             .transpose()?;
-        let host = |t: &Tensor| F::from_tensor(t).map_err(into_candle);
         Ok(DecoderTensorPass {
             engine: self,
             seq,
@@ -300,7 +302,7 @@ impl DecoderTensorEngine {
             keys,
             values,
             residuals,
-            neurons: device_neurons.iter().map(&host).collect::<Ops<_>>()?,
+            neurons: device_neurons.iter().map(host).collect::<Ops<_>>()?,
             probabilities: host(&probabilities)?,
             device_neurons,
         })
@@ -354,33 +356,42 @@ fn rope_back(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Ops<Tensor> {
     dy.broadcast_mul(cos)? + back
 }
 
-impl<F: Real> DecoderTensorPass<'_, F> {
+/// One request's rows in a stacked batch: its pass (cached keys and values, rotary
+/// position, length) and how many rows it has there.
+struct Part<'p, 'a, F> {
+    pass: &'p DecoderTensorPass<'a, F>,
+    rows: usize,
+}
+
+/// One request of a joint batch: a prompt's pass, its layers (ascending, distinct) and
+/// its integration points.
+pub(super) type Request<'p, 'a, F> = (&'p DecoderTensorPass<'a, F>, &'p [usize], &'p [f64]);
+
+impl DecoderTensorEngine {
     /// `[R, n·d]` with `n = heads` → `[kv, R·group, d]` (query head j with kv head
-    /// j / group).
+    /// j / group); a row's entries stay together along dimension 1, so a part's rows
+    /// are a `narrow` of it.
     fn grouped(&self, x: &Tensor) -> Ops<Tensor> {
-        let e = self.engine;
         let r = x.dim(0)?;
-        x.reshape((r, e.kv_heads, e.group(), e.head_dim))?
+        x.reshape((r, self.kv_heads, self.group(), self.head_dim))?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((e.kv_heads, r * e.group(), e.head_dim))
+            .reshape((self.kv_heads, r * self.group(), self.head_dim))
     }
 
     /// The inverse of [`Self::grouped`].
     fn ungrouped(&self, x: &Tensor) -> Ops<Tensor> {
-        let e = self.engine;
-        let r = x.dim(1)? / e.group();
-        x.reshape((e.kv_heads, r, e.group(), e.head_dim))?
+        let r = x.dim(1)? / self.group();
+        x.reshape((self.kv_heads, r, self.group(), self.head_dim))?
             .transpose(0, 1)?
             .contiguous()?
-            .reshape((r, e.heads * e.head_dim))
+            .reshape((r, self.heads * self.head_dim))
     }
 
     /// `[R, kv·d]` → `[kv, R·group, d]`, each row repeated for its group's queries.
     fn repeated(&self, x: &Tensor) -> Ops<Tensor> {
-        let e = self.engine;
         let r = x.dim(0)?;
-        let (kv, g, d) = (e.kv_heads, e.group(), e.head_dim);
+        let (kv, g, d) = (self.kv_heads, self.group(), self.head_dim);
         x.reshape((r, kv, 1, d))?
             .broadcast_as((r, kv, g, d))?
             .transpose(0, 1)?
@@ -391,8 +402,7 @@ impl<F: Real> DecoderTensorPass<'_, F> {
     /// `[kv, R·group, d]` summed over each group → `[R, kv·d]` (the transpose of
     /// [`Self::repeated`]).
     fn group_sum(&self, x: &Tensor) -> Ops<Tensor> {
-        let e = self.engine;
-        let (kv, g, d) = (e.kv_heads, e.group(), e.head_dim);
+        let (kv, g, d) = (self.kv_heads, self.group(), self.head_dim);
         let r = x.dim(1)? / g;
         x.reshape((kv, r, g, d))?
             .sum(2)?
@@ -401,45 +411,84 @@ impl<F: Real> DecoderTensorPass<'_, F> {
             .reshape((r, kv * d))
     }
 
-    /// Layer `depth` on one-row sequences `x [R, H]` at the last position.
-    fn row_forward(&self, depth: usize, x: &Tensor) -> Ops<(Tensor, RowCache)> {
-        let e = self.engine;
-        let layer = &e.layers[depth];
-        let d = e.head_dim;
+    /// `f` (rope or its transpose) on `x [R, n, d]`, each part's rows at its own
+    /// position; unchanged without rotary positions.
+    fn rotate<F>(
+        &self,
+        x: Tensor,
+        parts: &[Part<'_, '_, F>],
+        f: fn(&Tensor, &Tensor, &Tensor) -> Ops<Tensor>,
+    ) -> Ops<Tensor> {
+        if self.rope_theta.is_none() {
+            return Ok(x);
+        }
+        let mut start = 0;
+        let mut rows = Vec::with_capacity(parts.len());
+        for part in parts {
+            let (cos, sin) = part.pass.rotary.as_ref().expect("rotary positions");
+            rows.push(f(&x.narrow(0, start, part.rows)?, cos, sin)?);
+            start += part.rows;
+        }
+        cat_rows(rows)
+    }
+
+    /// Layer `depth` on one-row sequences `x [R, H]` at each part's last position: the
+    /// products on all rows, each part's attention over its own prompt's cache.
+    fn row_forward<F>(
+        &self,
+        depth: usize,
+        x: &Tensor,
+        parts: &[Part<'_, '_, F>],
+    ) -> Ops<(Tensor, RowCache)> {
+        let layer = &self.layers[depth];
+        let (d, g) = (self.head_dim, self.group());
         let scale = 1.0 / (d as f64).sqrt();
         let r = x.dim(0)?;
         let (normed, attn_norm) = layer.attn_norm.forward(x)?;
-        let mut q = layer.query.forward(&normed)?.reshape((r, e.heads, d))?;
-        let mut k = layer.key.forward(&normed)?.reshape((r, e.kv_heads, d))?;
-        if let Some((cos, sin)) = &self.rotary {
-            q = rope(&q, cos, sin)?;
-            k = rope(&k, cos, sin)?;
-        }
-        let q = self.grouped(&q.reshape((r, e.heads * d))?)?;
-        let own_k = self.repeated(&k.reshape((r, e.kv_heads * d))?)?;
+        let q = layer.query.forward(&normed)?.reshape((r, self.heads, d))?;
+        let k = layer.key.forward(&normed)?.reshape((r, self.kv_heads, d))?;
+        let q = self.rotate(q, parts, rope)?;
+        let k = self.rotate(k, parts, rope)?;
+        let q = self.grouped(&q.reshape((r, self.heads * d))?)?;
+        let own_k = self.repeated(&k.reshape((r, self.kv_heads * d))?)?;
         let own_v = self.repeated(&layer.value.forward(&normed)?)?;
         let own_score = (&q * &own_k)?.sum_keepdim(2)?;
-        let scores = if self.seq > 1 {
-            Tensor::cat(&[&q.matmul(&self.keys[depth].t()?)?, &own_score], 2)?
-        } else {
-            own_score
-        };
-        let probs = softmax(&(scores * scale)?)?;
-        let last = self.seq - 1;
-        let mut context = probs.narrow(2, last, 1)?.broadcast_mul(&own_v)?;
-        if last > 0 {
-            let cached = probs.narrow(2, 0, last)?.contiguous()?;
-            context = (context + cached.matmul(&self.values[depth])?)?;
+        let (mut start, mut contexts, mut probs_of) = (0, Vec::new(), Vec::new());
+        for part in parts {
+            let (pass, rows) = (part.pass, part.rows * g);
+            let q = q.narrow(1, start, rows)?;
+            let own_score = own_score.narrow(1, start, rows)?;
+            let scores = if pass.seq > 1 {
+                Tensor::cat(&[&q.matmul(&pass.keys[depth].t()?)?, &own_score], 2)?
+            } else {
+                own_score
+            };
+            let probs = softmax(&(scores * scale)?)?;
+            let last = pass.seq - 1;
+            let mut context = probs
+                .narrow(2, last, 1)?
+                .broadcast_mul(&own_v.narrow(1, start, rows)?)?;
+            if last > 0 {
+                let cached = probs.narrow(2, 0, last)?.contiguous()?;
+                context = (context + cached.matmul(&pass.values[depth])?)?;
+            }
+            contexts.push(context);
+            probs_of.push(probs);
+            start += rows;
         }
+        let context = match contexts.len() {
+            1 => contexts.pop().expect("one part"),
+            _ => Tensor::cat(&contexts, 1)?,
+        };
         let residual = (layer.attn_out.forward(&self.ungrouped(&context)?)? + x)?;
-        let (neurons, (slope, gated, ffn_norm)) = e.ffn(layer, &residual)?;
+        let (neurons, (slope, gated, ffn_norm)) = self.ffn(layer, &residual)?;
         let out = (layer.down.forward(&neurons)? + &residual)?;
         let cache = RowCache {
             attn_norm,
             q,
             own_k,
             own_v,
-            probs,
+            probs: probs_of,
             slope,
             gated,
             ffn_norm,
@@ -448,12 +497,16 @@ impl<F: Real> DecoderTensorPass<'_, F> {
     }
 
     /// The gradient of layer `depth`'s input rows from its output rows' `d_out [R, H]`.
-    fn row_backward(&self, depth: usize, cache: &RowCache, d_out: &Tensor) -> Ops<Tensor> {
-        let e = self.engine;
-        let layer = &e.layers[depth];
-        let d = e.head_dim;
+    fn row_backward<F>(
+        &self,
+        depth: usize,
+        cache: &RowCache,
+        d_out: &Tensor,
+        parts: &[Part<'_, '_, F>],
+    ) -> Ops<Tensor> {
+        let layer = &self.layers[depth];
+        let (d, g) = (self.head_dim, self.group());
         let scale = 1.0 / (d as f64).sqrt();
-        let last = self.seq - 1;
         // FFN: d_residual = d_out + norm'(d_normed), d_normed from the neurons' gradient.
         let d_neurons = layer.down.backward_input(d_out)?;
         let d_normed = match (&layer.gate, &cache.gated) {
@@ -467,116 +520,157 @@ impl<F: Real> DecoderTensorPass<'_, F> {
         };
         let d_residual = (layer.ffn_norm.backward(&d_normed, &cache.ffn_norm)? + d_out)?;
         // Attention: the row's query, own key and own value; the cached ones are constants.
-        let d_context = self.grouped(&layer.attn_out.backward_input(&d_residual)?)?;
-        let own_dp = (&d_context * &cache.own_v)?.sum_keepdim(2)?;
-        let d_probs = if last > 0 {
-            Tensor::cat(&[&d_context.matmul(&self.values[depth].t()?)?, &own_dp], 2)?
-        } else {
-            own_dp
+        let d_context_all = self.grouped(&layer.attn_out.backward_input(&d_residual)?)?;
+        let own_dp_all = (&d_context_all * &cache.own_v)?.sum_keepdim(2)?;
+        let mut start = 0;
+        let (mut d_vs, mut ds_owns, mut d_qs) = (Vec::new(), Vec::new(), Vec::new());
+        for (part, probs) in parts.iter().zip(&cache.probs) {
+            let (pass, rows) = (part.pass, part.rows * g);
+            let last = pass.seq - 1;
+            let d_context = d_context_all.narrow(1, start, rows)?;
+            let own_dp = own_dp_all.narrow(1, start, rows)?;
+            let d_probs = if last > 0 {
+                Tensor::cat(&[&d_context.matmul(&pass.values[depth].t()?)?, &own_dp], 2)?
+            } else {
+                own_dp
+            };
+            d_vs.push(probs.narrow(2, last, 1)?.broadcast_mul(&d_context)?);
+            let weighted = (probs * &d_probs)?.sum_keepdim(2)?;
+            let d_scores = ((probs * d_probs.broadcast_sub(&weighted)?)? * scale)?;
+            let ds_own = d_scores.narrow(2, last, 1)?;
+            let mut d_q = ds_own.broadcast_mul(&cache.own_k.narrow(1, start, rows)?)?;
+            if last > 0 {
+                let cached = d_scores.narrow(2, 0, last)?.contiguous()?;
+                d_q = (d_q + cached.matmul(&pass.keys[depth])?)?;
+            }
+            ds_owns.push(ds_own);
+            d_qs.push(d_q);
+            start += rows;
+        }
+        let along_rows = |mut t: Vec<Tensor>| -> Ops<Tensor> {
+            match t.len() {
+                1 => Ok(t.pop().expect("one part")),
+                _ => Tensor::cat(&t, 1),
+            }
         };
-        let p_own = cache.probs.narrow(2, last, 1)?;
-        let d_v = self.group_sum(&p_own.broadcast_mul(&d_context)?)?;
-        let weighted = (&cache.probs * &d_probs)?.sum_keepdim(2)?;
-        let d_scores = ((&cache.probs * d_probs.broadcast_sub(&weighted)?)? * scale)?;
-        let ds_own = d_scores.narrow(2, last, 1)?;
-        let mut d_q = ds_own.broadcast_mul(&cache.own_k)?;
-        if last > 0 {
-            let cached = d_scores.narrow(2, 0, last)?.contiguous()?;
-            d_q = (d_q + cached.matmul(&self.keys[depth])?)?;
-        }
-        let mut d_q = self.ungrouped(&d_q)?;
-        let mut d_k = self.group_sum(&ds_own.broadcast_mul(&cache.q)?)?;
-        if let Some((cos, sin)) = &self.rotary {
-            let r = d_q.dim(0)?;
-            d_q = rope_back(&d_q.reshape((r, e.heads, d))?, cos, sin)?.reshape((r, e.heads * d))?;
-            d_k = rope_back(&d_k.reshape((r, e.kv_heads, d))?, cos, sin)?
-                .reshape((r, e.kv_heads * d))?;
-        }
+        let d_v = self.group_sum(&along_rows(d_vs)?)?;
+        let d_q = self.ungrouped(&along_rows(d_qs)?)?;
+        let d_k = self.group_sum(&along_rows(ds_owns)?.broadcast_mul(&cache.q)?)?;
+        let r = d_q.dim(0)?;
+        let d_q = self
+            .rotate(d_q.reshape((r, self.heads, d))?, parts, rope_back)?
+            .reshape((r, self.heads * d))?;
+        let d_k = self
+            .rotate(d_k.reshape((r, self.kv_heads, d))?, parts, rope_back)?
+            .reshape((r, self.kv_heads * d))?;
         let d_normed = ((layer.query.backward_input(&d_q)? + layer.key.backward_input(&d_k)?)?
             + layer.value.backward_input(&d_v)?)?;
         layer.attn_norm.backward(&d_normed, &cache.attn_norm)? + d_residual
     }
 
-    /// Each layer L is a group of rows (one per α), `residual + down(α·w)` at the last
-    /// position; the groups go up stacked, one row each, and come down the same way.
-    pub(super) fn gradients(
+    /// The stacked one-row integration of several requests at once: each layer L of a
+    /// request is a group of rows (one per α), `residual + down(α·w)` at its prompt's
+    /// last position; at layer d every group L < d of every request is one batch (each
+    /// request's rows a block, attending over its own prompt); the head runs once for
+    /// all; the backward comes down the same way, a group leaving where it entered.
+    pub(super) fn gradients<F: Real>(
         &self,
-        layers: &[usize],
-        alphas: &[f64],
+        requests: &[Request<'_, '_, F>],
         gold: usize,
-    ) -> Ops<Vec<LayerGradients<F>>> {
-        let e = self.engine;
-        let Some(&first) = layers.first() else {
-            return Ok(Vec::new());
+    ) -> Ops<Vec<Vec<LayerGradients<F>>>> {
+        let top = self.layers.len() - 1;
+        let Some(&first) = requests.iter().filter_map(|r| r.1.first()).min() else {
+            return Ok(requests.iter().map(|_| Vec::new()).collect());
         };
-        let b = alphas.len();
-        let top = e.layers.len() - 1;
-        let group_of = |layer: usize| layers.iter().position(|&l| l == layer);
-        let own = layers
+        let group_of = |r: usize, layer: usize| requests[r].1.iter().position(|&l| l == layer);
+        let own = requests
             .iter()
-            .map(|&layer| {
-                let neurons = scaled(&self.device_neurons[layer], alphas)?;
-                e.layers[layer]
-                    .down
-                    .forward(&neurons)?
-                    .broadcast_add(&self.residuals[layer])
+            .map(|(pass, layers, alphas)| {
+                layers
+                    .iter()
+                    .map(|&layer| {
+                        let neurons = scaled(&pass.device_neurons[layer], alphas)?;
+                        self.layers[layer]
+                            .down
+                            .forward(&neurons)?
+                            .broadcast_add(&pass.residuals[layer])
+                    })
+                    .collect::<Ops<Vec<_>>>()
             })
             .collect::<Ops<Vec<_>>>()?;
+        let new_at = |layer: usize| -> Vec<Option<Tensor>> {
+            (0..requests.len())
+                .map(|r| group_of(r, layer).map(|g| own[r][g].clone()))
+                .collect()
+        };
+        let parts_of = |blocks: &Blocks| -> Vec<Part<'_, '_, F>> {
+            requests
+                .iter()
+                .zip(&blocks.rows)
+                .filter(|(_, &rows)| rows > 0)
+                .map(|((pass, _, _), &rows)| Part { pass, rows })
+                .collect()
+        };
+
+        let mut blocks = Blocks::new(requests.len());
         let mut x: Option<Tensor> = None;
         let mut caches = Vec::new();
         for depth in first + 1..=top {
-            if let Some(g) = group_of(depth - 1) {
-                x = Some(push_rows(x, &own[g])?);
-            }
-            let input = x.take().expect("a group is stacked");
-            let (out, cache) = self.row_forward(depth, &input)?;
-            caches.push((depth, cache));
+            let input = blocks.push(x.take(), &new_at(depth - 1))?;
+            let (out, cache) = self.row_forward(depth, &input, &parts_of(&blocks))?;
+            caches.push((depth, cache, blocks.clone()));
             x = Some(out);
         }
-        if let Some(g) = group_of(top) {
-            x = Some(push_rows(x, &own[g])?);
-        }
-        let rows = x.expect("at least one group");
-        let (probs, norm) = e.head_forward(&rows)?;
+        let rows = blocks.push(x, &new_at(top))?;
+        // Request r's rows at the head: its groups in order, `b` rows each.
+        let head_spans = blocks.spans();
+        let (probs, norm) = self.head_forward(&rows)?;
         let (gold_p, d_logits) = gold_probability_gradient(&probs, gold)?;
         drop(probs);
-        let mut d = e
+        let d = self
             .final_norm
-            .backward(&e.head.backward_input(&d_logits)?, &norm)?;
+            .backward(&self.head.backward_input(&d_logits)?, &norm)?;
         drop(d_logits);
-        let own_backward =
-            |g: usize, d_rows: &Tensor| e.layers[layers[g]].down.backward_input(d_rows);
-        let mut d_own: Vec<Option<Tensor>> = vec![None; layers.len()];
-        if let Some(g) = group_of(top) {
-            d_own[g] = Some(own_backward(g, &d.narrow(0, g * b, b)?)?);
-            d = d.narrow(0, 0, g * b)?;
-        }
-        while let Some((depth, cache)) = caches.pop() {
-            d = self.row_backward(depth, &cache, &d)?;
-            drop(cache);
-            if let Some(g) = group_of(depth - 1) {
-                d_own[g] = Some(own_backward(g, &d.narrow(0, g * b, b)?)?);
-                d = d.narrow(0, 0, g * b)?;
+
+        let mut d_own: Vec<Vec<Option<Tensor>>> =
+            requests.iter().map(|r| vec![None; r.1.len()]).collect();
+        // Takes the groups of `layer` off the ends of the blocks of `d`.
+        let mut leave = |blocks: &mut Blocks, d: &Tensor, layer: usize| -> Ops<Option<Tensor>> {
+            let take: Vec<usize> = (0..requests.len())
+                .map(|r| group_of(r, layer).map_or(0, |_| requests[r].2.len()))
+                .collect();
+            let (rest, taken) = blocks.pop(d, &take)?;
+            for (r, rows) in taken.iter().enumerate() {
+                if let (Some(rows), Some(g)) = (rows, group_of(r, layer)) {
+                    d_own[r][g] = Some(self.layers[layer].down.backward_input(rows)?);
+                }
             }
+            Ok(rest)
+        };
+        let mut d = leave(&mut blocks, &d, top)?;
+        while let Some((depth, cache, entered)) = caches.pop() {
+            let d_out = d.take().expect("groups below the top stay in the stack");
+            let d_in = self.row_backward(depth, &cache, &d_out, &parts_of(&entered))?;
+            drop(cache);
+            blocks = entered;
+            d = leave(&mut blocks, &d_in, depth - 1)?;
         }
-        let host = |t: &Tensor| F::from_tensor(t).map_err(into_candle);
-        let gold_p = host(&gold_p)?;
-        d_own
-            .into_iter()
-            .zip(gold_p.chunks(b))
-            .map(|(gradients, p)| {
-                Ok(LayerGradients {
-                    probabilities: p.to_vec(),
-                    gradients: host(&gradients.expect("every group left the stack"))?,
-                })
-            })
-            .collect()
+        let points: Vec<usize> = requests.iter().map(|r| r.2.len()).collect();
+        layer_results(&gold_p, &head_spans, &points, d_own)
+    }
+}
+
+impl<F: Real> DecoderTensorPass<'_, F> {}
+
+impl<F: Real> TensorPass<F> for DecoderTensorPass<'_, F> {
+    fn host(&self) -> (&[Vec<F>], &[F]) {
+        (&self.neurons, &self.probabilities)
     }
 
     /// Bytes of device memory one integration point takes with all layers stacked: per
     /// row and layer the norms, q, own k and v (repeated over the group), attention and
     /// the FFN's four `[I]` vectors; the head's logits; twice, for the products' inputs.
-    pub(super) fn bytes_per_point(&self) -> usize {
+    fn bytes_per_point(&self) -> usize {
         let e = self.engine;
         let n = e.layers.len();
         let h = e.heads * e.head_dim;
@@ -585,15 +679,14 @@ impl<F: Real> DecoderTensorPass<'_, F> {
         2 * (row_layers * row + n * 3 * e.vocab) * e.dtype.size_in_bytes()
     }
 
-    /// The normal pass's neurons and probabilities on the host.
-    pub(super) fn host(&self) -> (&[Vec<F>], &[F]) {
-        (&self.neurons, &self.probabilities)
+    fn device_name(&self) -> &'static str {
+        device_name(self.engine.device())
     }
-}
 
-fn into_candle(e: Error) -> candle_core::Error {
-    match e {
-        Error::Candle(e) => e,
-        other => candle_core::Error::Msg(other.to_string()),
+    fn joint(
+        requests: &[(&Self, &[usize], &[f64])],
+        gold: usize,
+    ) -> Ops<Vec<Vec<LayerGradients<F>>>> {
+        requests[0].0.engine.gradients(requests, gold)
     }
 }

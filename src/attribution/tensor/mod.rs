@@ -4,7 +4,9 @@
 //! kernels), or on the CPU for checking one against the other (`--engine tensor`).
 //!
 //! It implements the same [`PromptPass`] as the flat engines, so the integrated-gradients
-//! loop ([`super::ig`]) is shared. The architectures are in [`bert`] and [`decoder`],
+//! loop ([`super::ig`]) is shared, and [`PromptPasses`] jointly: one batch holds the
+//! points of several prompts of a fact (each prompt's rows a block of their own, its
+//! attention over its own sequence, the dense products on all rows at once). The architectures are in [`bert`] and [`decoder`],
 //! their kernels in [`ops`]. Backward passes are written by hand: nothing is
 //! differentiated by candle's autograd, which would form a gradient for every weight
 //! the graph reads.
@@ -22,9 +24,9 @@ use candle_core::DType;
 use crate::error::{Error, Result};
 use crate::model::LanguageModel;
 
-use super::engine::{LayerGradients, PromptPass, Real};
-use bert::{BertTensorEngine, BertTensorPass};
-use decoder::{DecoderTensorEngine, DecoderTensorPass};
+use super::engine::{LayerGradients, PromptPass, PromptPasses, Real, Request};
+use bert::BertTensorEngine;
+use decoder::DecoderTensorEngine;
 
 /// The tensor engine of any architecture, computing in `F` on the model's device.
 #[derive(Debug, Clone)]
@@ -86,51 +88,99 @@ impl<F: Real> TensorEngine<F> {
     /// The normal pass of one prompt's token ids, read at `position` (a BERT's mask, a
     /// causal model's last token).
     pub fn prepare(&self, ids: &[u32], position: usize) -> Result<Box<dyn PromptPass<F> + '_>> {
-        let device = self.device;
+        let on = |e| on_device(e, self.device);
         Ok(match &self.kind {
-            Kind::Bert(e) => Box::new(Pass {
-                inner: Inner::Bert(e.prepare(ids, position).map_err(|e| on_device(e, device))?),
-                device,
-            }),
-            Kind::Decoder(e) => Box::new(Pass {
-                inner: Inner::Decoder(e.prepare(ids, position).map_err(|e| on_device(e, device))?),
-                device,
-            }),
+            Kind::Bert(e) => Box::new(OnDevice(e.prepare(ids, position).map_err(on)?)),
+            Kind::Decoder(e) => Box::new(OnDevice(e.prepare(ids, position).map_err(on)?)),
+        })
+    }
+
+    /// The normal passes of several prompts (token ids, answer position), whose
+    /// integration points go to the device together: one batch holds the points of
+    /// several prompts (on a GPU, fuller batches and fewer passes).
+    pub fn prepare_all(
+        &self,
+        prompts: &[(&[u32], usize)],
+    ) -> Result<Box<dyn PromptPasses<F> + '_>> {
+        let on = |e| on_device(e, self.device);
+        Ok(match &self.kind {
+            Kind::Bert(e) => Box::new(TensorPasses(
+                prompts
+                    .iter()
+                    .map(|&(ids, position)| Ok(OnDevice(e.prepare(ids, position).map_err(on)?)))
+                    .collect::<Result<_>>()?,
+            )),
+            Kind::Decoder(e) => Box::new(TensorPasses(
+                prompts
+                    .iter()
+                    .map(|&(ids, position)| Ok(OnDevice(e.prepare(ids, position).map_err(on)?)))
+                    .collect::<Result<_>>()?,
+            )),
         })
     }
 }
 
-/// A prompt's normal pass on the device, of either architecture.
-struct Pass<'a, F> {
-    inner: Inner<'a, F>,
-    device: &'static str,
+/// What the tensor engines' passes have in common: their host copies, and their
+/// engine's stacked integration of several requests (each of one of its passes).
+trait TensorPass<F: Real>: Sync + Sized {
+    /// The normal pass's neurons and probabilities on the host.
+    fn host(&self) -> (&[Vec<F>], &[F]);
+    /// [`PromptPass::cache_bytes_per_point`].
+    fn bytes_per_point(&self) -> usize;
+    /// The engine's device, by name.
+    fn device_name(&self) -> &'static str;
+    /// The engine's joint gradients (`requests` not empty, all on one engine).
+    fn joint(
+        requests: &[(&Self, &[usize], &[f64])],
+        gold: usize,
+    ) -> candle_core::Result<Vec<Vec<LayerGradients<F>>>>;
 }
 
-enum Inner<'a, F> {
-    Bert(BertTensorPass<'a, F>),
-    Decoder(DecoderTensorPass<'a, F>),
+/// Several requests to the passes `of`, as the engines take them, checking what
+/// [`PromptPass::gradients`] promises of their layers.
+fn run_joint<'p, F: Real, P: TensorPass<F> + 'p>(
+    of: impl Fn(usize) -> &'p P,
+    requests: &[Request<'_, F>],
+    gold: usize,
+) -> Result<Vec<Vec<LayerGradients<F>>>> {
+    let Some(first) = requests.first() else {
+        return Ok(Vec::new());
+    };
+    let alphas: Vec<Vec<f64>> = requests
+        .iter()
+        .map(|r| {
+            assert!(
+                r.layers.windows(2).all(|w| w[0] < w[1]),
+                "layers ascending, distinct"
+            );
+            r.alphas
+                .iter()
+                .map(|a| a.to_f64().unwrap_or(f64::NAN))
+                .collect()
+        })
+        .collect();
+    let stacked: Vec<(&P, &[usize], &[f64])> = requests
+        .iter()
+        .zip(&alphas)
+        .map(|(r, a)| (of(r.prompt), r.layers, &a[..]))
+        .collect();
+    P::joint(&stacked, gold).map_err(|e| on_device(e.into(), of(first.prompt).device_name()))
 }
 
-impl<F: Real> PromptPass<F> for Pass<'_, F> {
+/// A tensor engine's pass as a [`PromptPass`].
+struct OnDevice<P>(P);
+
+impl<F: Real, P: TensorPass<F>> PromptPass<F> for OnDevice<P> {
     fn neurons(&self) -> &[Vec<F>] {
-        match &self.inner {
-            Inner::Bert(p) => p.host().0,
-            Inner::Decoder(p) => p.host().0,
-        }
+        self.0.host().0
     }
 
     fn probabilities(&self) -> &[F] {
-        match &self.inner {
-            Inner::Bert(p) => p.host().1,
-            Inner::Decoder(p) => p.host().1,
-        }
+        self.0.host().1
     }
 
     fn cache_bytes_per_point(&self) -> usize {
-        match &self.inner {
-            Inner::Bert(p) => p.bytes_per_point(),
-            Inner::Decoder(p) => p.bytes_per_point(),
-        }
+        self.0.bytes_per_point()
     }
 
     fn gradients(
@@ -139,19 +189,38 @@ impl<F: Real> PromptPass<F> for Pass<'_, F> {
         alphas: &[F],
         gold: usize,
     ) -> Result<Vec<LayerGradients<F>>> {
-        assert!(
-            layers.windows(2).all(|w| w[0] < w[1]),
-            "layers ascending, distinct"
-        );
-        let alphas: Vec<f64> = alphas
-            .iter()
-            .map(|a| a.to_f64().unwrap_or(f64::NAN))
-            .collect();
-        match &self.inner {
-            Inner::Bert(p) => p.gradients(layers, &alphas, gold),
-            Inner::Decoder(p) => p.gradients(layers, &alphas, gold),
-        }
-        .map_err(|e| on_device(e.into(), self.device))
+        let request = Request {
+            prompt: 0,
+            layers,
+            alphas,
+        };
+        let mut out = run_joint(|_| &self.0, &[request], gold)?;
+        Ok(out.pop().expect("one request"))
+    }
+}
+
+/// A fact's prompts on the device, evaluated jointly.
+struct TensorPasses<P>(Vec<OnDevice<P>>);
+
+impl<F: Real, P: TensorPass<F>> PromptPasses<F> for TensorPasses<P> {
+    fn prompts(&self) -> usize {
+        self.0.len()
+    }
+
+    fn pass(&self, prompt: usize) -> &dyn PromptPass<F> {
+        &self.0[prompt]
+    }
+
+    fn joint(&self) -> bool {
+        true
+    }
+
+    fn gradients(
+        &self,
+        requests: &[Request<'_, F>],
+        gold: usize,
+    ) -> Result<Vec<Vec<LayerGradients<F>>>> {
+        run_joint(|prompt| &self.0[prompt].0, requests, gold)
     }
 }
 

@@ -9,7 +9,9 @@
 
 use candle_core::{DType, Device, Tensor, D};
 
-use crate::error::Result;
+use crate::attribution::engine::LayerGradients;
+use crate::attribution::kernels::Real;
+use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::nn::{LayerNorm, Linear, RmsNorm};
 
@@ -203,11 +205,90 @@ pub(super) fn scaled(w: &Tensor, alphas: &[f64]) -> Ops<Tensor> {
     alphas.to_dtype(w.dtype())?.broadcast_mul(w)
 }
 
-/// Rows of `x [R, H]` concatenated after `stack` (the first group starts it).
-pub(super) fn push_rows(stack: Option<Tensor>, x: &Tensor) -> Ops<Tensor> {
-    match stack {
-        Some(s) => Tensor::cat(&[&s, x], 0),
-        None => Ok(x.clone()),
+/// Rows along dimension 0, or the one tensor itself (no copy).
+pub(super) fn cat_rows(mut parts: Vec<Tensor>) -> Ops<Tensor> {
+    if parts.len() == 1 {
+        return Ok(parts.pop().expect("one part"));
+    }
+    Tensor::cat(&parts, 0)
+}
+
+/// The rows of several requests (prompts) in one stacked tensor, request by request:
+/// block `k` holds request `k`'s groups in the order they entered. The dense products
+/// run on all rows at once; attention, which each prompt does over its own sequence,
+/// runs block by block.
+#[derive(Debug, Clone)]
+pub(super) struct Blocks {
+    /// Rows per block.
+    pub rows: Vec<usize>,
+}
+
+impl Blocks {
+    /// `n` empty blocks.
+    pub fn new(n: usize) -> Self {
+        Self { rows: vec![0; n] }
+    }
+
+    /// Each block's first row and row count.
+    pub fn spans(&self) -> Vec<(usize, usize)> {
+        let mut start = 0;
+        self.rows
+            .iter()
+            .map(|&rows| {
+                start += rows;
+                (start - rows, rows)
+            })
+            .collect()
+    }
+
+    /// `stack` with `new[k]`'s rows (where some) appended at the end of block `k`.
+    pub fn push(&mut self, stack: Option<Tensor>, new: &[Option<Tensor>]) -> Ops<Tensor> {
+        let spans = self.spans();
+        // Block by block; one request's stack is the old rows, then the new.
+        let mut parts = Vec::with_capacity(2 * new.len());
+        for (k, added) in new.iter().enumerate() {
+            let (start, rows) = spans[k];
+            if let (Some(stack), true) = (&stack, rows > 0) {
+                parts.push(stack.narrow(0, start, rows)?);
+            }
+            if let Some(added) = added {
+                self.rows[k] += added.dim(0)?;
+                parts.push(added.clone());
+            }
+        }
+        match stack {
+            Some(stack) if new.iter().all(Option::is_none) => Ok(stack),
+            _ => cat_rows(parts),
+        }
+    }
+
+    /// Takes `take[k]` rows off the end of each block `k`: what stays (`None` when
+    /// nothing does) and the rows taken from each block.
+    pub fn pop(
+        &mut self,
+        stack: &Tensor,
+        take: &[usize],
+    ) -> Ops<(Option<Tensor>, Vec<Option<Tensor>>)> {
+        let spans = self.spans();
+        let (mut kept, mut taken) = (Vec::new(), Vec::with_capacity(take.len()));
+        for (k, &n) in take.iter().enumerate() {
+            let (start, rows) = spans[k];
+            if rows > n {
+                kept.push(stack.narrow(0, start, rows - n)?);
+            }
+            taken.push(
+                (n > 0)
+                    .then(|| stack.narrow(0, start + rows - n, n))
+                    .transpose()?,
+            );
+            self.rows[k] -= n;
+        }
+        let rest = if kept.is_empty() {
+            None
+        } else {
+            Some(cat_rows(kept)?)
+        };
+        Ok((rest, taken))
     }
 }
 
@@ -218,4 +299,40 @@ pub(super) fn device_name(device: &Device) -> &'static str {
     } else {
         "cpu"
     }
+}
+
+/// A tensor's values on the host, an error as candle's (a host copy's is one).
+pub(super) fn host<F: Real>(t: &Tensor) -> Ops<Vec<F>> {
+    F::from_tensor(t).map_err(|e| match e {
+        Error::Candle(e) => e,
+        other => candle_core::Error::Msg(other.to_string()),
+    })
+}
+
+/// A joint batch's results on the host, request by request: `gold_p [rows]` the gold
+/// probability of every row of the head, request `r`'s rows `spans[r]` (its groups in
+/// order, `points[r]` rows each); `d_own[r][g]` its group `g`'s gradients.
+pub(super) fn layer_results<F: Real>(
+    gold_p: &Tensor,
+    spans: &[(usize, usize)],
+    points: &[usize],
+    d_own: Vec<Vec<Option<Tensor>>>,
+) -> Ops<Vec<Vec<LayerGradients<F>>>> {
+    let gold_p = host::<F>(gold_p)?;
+    d_own
+        .into_iter()
+        .zip(spans.iter().zip(points))
+        .map(|(d_own, (&(start, rows), &b))| {
+            d_own
+                .into_iter()
+                .zip(gold_p[start..start + rows].chunks(b))
+                .map(|(gradients, p)| {
+                    Ok(LayerGradients {
+                        probabilities: p.to_vec(),
+                        gradients: host(&gradients.expect("every group left the stack"))?,
+                    })
+                })
+                .collect()
+        })
+        .collect()
 }

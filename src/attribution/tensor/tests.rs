@@ -3,11 +3,16 @@
 //! layer's integration, alone and stacked, to 1e-10.
 
 use std::path::Path;
+use std::sync::Mutex;
 
 use candle_core::{DType, Device};
 
 use super::TensorEngine;
-use crate::attribution::engine::Engine;
+use crate::attribution::engine::{Engine, LayerGradients, PromptPass, PromptPasses, Request};
+use crate::attribution::ig::{
+    integrated_gradients, integrated_gradients_of_prompts, IgOptions, PromptAttribution, Rule,
+};
+use crate::error::Error;
 use crate::model::load::model_from_tensors;
 use crate::model::random::{
     random_decoder_tensors, random_tensors, tiny_config, tiny_decoder_config, Layout,
@@ -200,6 +205,166 @@ fn bad_prompts_are_errors() {
             );
         } else {
             assert!(engine.prepare(&ids, ids.len()).is_err(), "{name}: mask");
+        }
+    }
+}
+
+/// Prompts of other lengths than [`models`]' (one token: a causal model's prompt with
+/// no cached positions), at their answer positions.
+fn more_prompts(name: &str, ids: Vec<u32>, position: usize) -> Vec<(Vec<u32>, usize)> {
+    if name == "bert" {
+        vec![
+            (ids, position),
+            (vec![2, 8, 4, 11, 3], 2),
+            (vec![2, 4, 3], 1),
+        ]
+    } else {
+        vec![(ids, position), (vec![4, 8, 1], 2), (vec![6], 0)]
+    }
+}
+
+/// One joint batch of several prompts' requests (prompts of different lengths, other
+/// layers and points each, one prompt twice) gives what the flat engine gives for each
+/// request alone, to 1e-10.
+#[test]
+fn joint_batches_equal_each_prompt_alone() {
+    for (name, model, ids, position) in models() {
+        let prompts = more_prompts(&name, ids, position);
+        let inputs: Vec<(&[u32], usize)> = prompts.iter().map(|(i, p)| (&i[..], *p)).collect();
+        let flat = Engine::<f64>::from_model(model.clone()).unwrap();
+        let tensor = TensorEngine::<f64>::from_model(model).unwrap();
+        let passes = tensor.prepare_all(&inputs).unwrap();
+        assert!(passes.joint(), "{name}: the tensor engine batches prompts");
+        let n = flat.layers();
+        let all: Vec<usize> = (0..n).collect();
+        let asked: [(usize, Vec<usize>, Vec<f64>); 5] = [
+            (0, all, vec![0.0, 0.3, 0.75, 1.0]),
+            (1, vec![n - 1], vec![0.5]),
+            (1, vec![0], vec![0.4, 0.8]),
+            (2, vec![0, n - 1], vec![0.2, 0.9]),
+            (0, vec![1], vec![0.6]),
+        ];
+        let requests: Vec<Request<'_, f64>> = asked
+            .iter()
+            .map(|(prompt, layers, alphas)| Request {
+                prompt: *prompt,
+                layers,
+                alphas,
+            })
+            .collect();
+        let got = passes.gradients(&requests, 10).unwrap();
+        assert_eq!(got.len(), asked.len(), "{name}");
+        for ((prompt, layers, alphas), got) in asked.iter().zip(&got) {
+            let (ids, position) = &prompts[*prompt];
+            let want = flat
+                .prepare(ids, *position)
+                .unwrap()
+                .gradients(layers, alphas, 10)
+                .unwrap();
+            assert_eq!(got.len(), layers.len(), "{name}");
+            for ((l, g), w) in layers.iter().zip(got).zip(&want) {
+                let what = format!("prompt {prompt}, layers {layers:?}, layer {l}");
+                close(&name, &what, &g.probabilities, &w.probabilities, 1e-12);
+                let scale = w.gradients.iter().fold(0f64, |m, x| m.max(x.abs()));
+                assert!(scale > 1e-6, "{name}: {what}: gradient ~0");
+                let tolerance = 1e-10 * scale.max(1.0);
+                close(&name, &what, &g.gradients, &w.gradients, tolerance);
+            }
+        }
+    }
+}
+
+/// Joint passes that hold at most `fits` points per batch, all prompts together.
+struct Limited<'a> {
+    inner: Box<dyn PromptPasses<f64> + 'a>,
+    fits: usize,
+    /// Each batch asked for: its points, and the prompts it holds.
+    batches: Mutex<Vec<(usize, Vec<usize>)>>,
+}
+
+impl PromptPasses<f64> for Limited<'_> {
+    fn prompts(&self) -> usize {
+        self.inner.prompts()
+    }
+
+    fn pass(&self, prompt: usize) -> &dyn PromptPass<f64> {
+        self.inner.pass(prompt)
+    }
+
+    fn joint(&self) -> bool {
+        true
+    }
+
+    fn gradients(
+        &self,
+        requests: &[Request<'_, f64>],
+        gold: usize,
+    ) -> crate::error::Result<Vec<Vec<LayerGradients<f64>>>> {
+        let points = requests.iter().map(|r| r.alphas.len()).sum();
+        let prompts = requests.iter().map(|r| r.prompt).collect();
+        self.batches.lock().unwrap().push((points, prompts));
+        if points > self.fits {
+            return Err(Error::OutOfMemory {
+                device: "test".into(),
+                reason: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            });
+        }
+        self.inner.gradients(requests, gold)
+    }
+}
+
+/// Integrated gradients of a fact's prompts in joint batches (small enough that batches
+/// cross from one prompt to the next; out of memory, halved) equal the flat engine's,
+/// prompt by prompt, for a fixed rule and the adaptive one.
+#[test]
+fn joint_integration_equals_one_prompt_at_a_time() {
+    for (name, model, ids, position) in models() {
+        let prompts = more_prompts(&name, ids, position);
+        let inputs: Vec<(&[u32], usize)> = prompts.iter().map(|(i, p)| (&i[..], *p)).collect();
+        let flat = Engine::<f64>::from_model(model.clone()).unwrap();
+        let tensor = TensorEngine::<f64>::from_model(model).unwrap();
+        for (rule, chunk) in [(Rule::Left, 8), (Rule::GaussKronrod, 40)] {
+            let options = IgOptions {
+                steps: 5,
+                rule,
+                chunk: Some(chunk),
+                tolerance: Some(1e-3),
+                budget: None,
+            };
+            let limited = Limited {
+                inner: tensor.prepare_all(&inputs).unwrap(),
+                fits: 5,
+                batches: Mutex::new(Vec::new()),
+            };
+            let got = integrated_gradients_of_prompts(&limited, 10, &options).unwrap();
+            let batches = limited.batches.into_inner().unwrap();
+            // The first batch fails, and halves until they fit; some batch holds the
+            // points of two prompts.
+            assert!(batches[0].0 > 5, "{name} {rule}: {batches:?}");
+            assert!(batches.iter().any(|(n, _)| *n <= 5), "{name} {rule}");
+            let crosses = |(n, p): &(usize, Vec<usize>)| *n <= 5 && p.len() > 1 && p[0] != p[1];
+            assert!(batches.iter().any(crosses), "{name} {rule}: {batches:?}");
+            assert_eq!(got.len(), prompts.len());
+            for (p, ((ids, position), got)) in prompts.iter().zip(&got).enumerate() {
+                let pass = flat.prepare(ids, *position).unwrap();
+                let want = integrated_gradients(pass.as_ref(), 10, &options).unwrap();
+                let what = format!("{rule}, prompt {p}");
+                assert_eq!(got.points, want.points, "{name}: {what}: points");
+                let p1 = [got.gold_probability];
+                close(&name, &what, &p1, &[want.gold_probability], 1e-12);
+                // Each layer's Σ scores (f64) tightly, every score to its f32 storage.
+                let sums = |a: &PromptAttribution| -> Vec<f64> {
+                    a.completeness.iter().map(|c| c.sum).collect()
+                };
+                let scale = sums(&want).iter().fold(0f64, |m, s| m.max(s.abs()));
+                assert!(scale > 1e-8, "{name}: {what}: scores ~0");
+                close(&name, &what, &sums(got), &sums(&want), 1e-9 * scale);
+                let wide = |s: &[f32]| -> Vec<f64> { s.iter().map(|&x| f64::from(x)).collect() };
+                for (l, (g, w)) in got.scores.iter().zip(&want.scores).enumerate() {
+                    let what = format!("{what}, layer {l}");
+                    close(&name, &what, &wide(g), &wide(w), 1e-6 * scale);
+                }
+            }
         }
     }
 }
