@@ -280,16 +280,9 @@ impl Attributor {
     pub fn scores(&self, prompt: &str, answer: &str) -> Result<ig::PromptAttribution> {
         let answer_id = self.tokenizer.answer_id(answer)?;
         let encoded = self.check_prompt(prompt, answer, answer_id)?;
-        self.scores_of(&encoded.ids, encoded.mask_position, answer_id)
-    }
-
-    fn scores_of(&self, ids: &[u32], mask: usize, answer_id: u32) -> Result<ig::PromptAttribution> {
-        match &self.engine {
-            Engines::F32(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
-            Engines::F64(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
-            Engines::TensorF32(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
-            Engines::TensorF64(engine) => self.scores_with(engine.prepare(ids, mask)?, answer_id),
-        }
+        let prompt = (&encoded.ids[..], encoded.mask_position);
+        let mut scores = self.scores_of_all(&[prompt], answer_id)?;
+        Ok(scores.pop().expect("one prompt"))
     }
 
     /// The scores of a fact's prompts (token ids, answer position), whose points the
@@ -324,19 +317,6 @@ impl Attributor {
             Method::Activation => Ok((0..passes.prompts())
                 .map(|p| ig::activation_scores(passes.pass(p), gold))
                 .collect()),
-        }
-    }
-
-    fn scores_with<F: engine::Real>(
-        &self,
-        pass: Box<dyn engine::PromptPass<F> + '_>,
-        answer_id: u32,
-    ) -> Result<ig::PromptAttribution> {
-        match self.options.method {
-            Method::IntegratedGradients => {
-                ig::integrated_gradients(pass.as_ref(), answer_id as usize, &self.options.ig)
-            }
-            Method::Activation => Ok(ig::activation_scores(pass.as_ref(), answer_id as usize)),
         }
     }
 

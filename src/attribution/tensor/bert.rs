@@ -17,8 +17,8 @@ use crate::model::config::Activation;
 use crate::model::BertMaskedLm;
 
 use super::ops::{
-    activate, cat_rows, device_name, gold_probability_gradient, host, layer_results, scaled,
-    softmax, Blocks, Dense, Dtypes, Norm, NormCache, Ops,
+    activate, cat_rows, device_name, gold_probability_gradient, layer_results, scaled, softmax,
+    Blocks, Dense, Dtypes, Norm, NormCache, Ops,
 };
 use super::TensorPass;
 
@@ -218,7 +218,7 @@ impl BertTensorEngine {
                 .iter()
                 .map(F::from_tensor)
                 .collect::<Result<_>>()?,
-            probabilities: host(&probabilities)?,
+            probabilities: F::from_tensor(&probabilities)?,
             inputs,
             attended,
             device_neurons,
@@ -459,39 +459,37 @@ impl BertTensorEngine {
                 .down
                 .backward_input(&block.out_norm.backward(d_rows, &own[r][g].1)?)
         };
-        let take: Vec<usize> = (0..requests.len())
-            .map(|r| group_of(r, top).map_or(0, |_| requests[r].2.len()))
-            .collect();
-        let (mut d, taken) = blocks.pop(&d, &take)?;
-        for (r, rows) in taken.iter().enumerate() {
-            if let (Some(rows), Some(g)) = (rows, group_of(r, top)) {
-                d_own[r][g] = Some(own_backward(r, g, rows)?);
+        // Takes the groups of `layer` off the ends of the blocks of `d`, to their own
+        // layer's backward: `seq` rows a point (the mask's row kept) below the top, one
+        // row a point at it.
+        let mut leave = |blocks: &mut Blocks, d: &Tensor, layer: usize| -> Ops<Option<Tensor>> {
+            let rows_per_point = |r: usize| if layer == top { 1 } else { requests[r].0.seq };
+            let take: Vec<usize> = (0..requests.len())
+                .map(|r| group_of(r, layer).map_or(0, |_| requests[r].2.len() * rows_per_point(r)))
+                .collect();
+            let (rest, taken) = blocks.pop(d, &take)?;
+            for (r, rows) in taken.iter().enumerate() {
+                if let (Some(rows), Some(g)) = (rows, group_of(r, layer)) {
+                    let (pass, b) = (requests[r].0, requests[r].2.len());
+                    let rows = if layer == top {
+                        rows.clone()
+                    } else {
+                        rows.reshape((b, pass.seq, h))?
+                            .narrow(1, pass.mask, 1)?
+                            .reshape((b, h))?
+                    };
+                    d_own[r][g] = Some(own_backward(r, g, &rows)?);
+                }
             }
-        }
+            Ok(rest)
+        };
+        let mut d = leave(&mut blocks, &d, top)?;
         while let Some((depth, cache, entered)) = caches.pop() {
             let d_out = d.take().expect("groups below the top stay in the stack");
             let d_in = self.block_backward(&self.blocks[depth], &cache, &d_out)?;
             drop(cache);
             blocks = entered;
-            let take: Vec<usize> = requests
-                .iter()
-                .enumerate()
-                .map(|(r, (pass, _, alphas))| {
-                    group_of(r, depth - 1).map_or(0, |_| alphas.len() * pass.seq)
-                })
-                .collect();
-            let (rest, taken) = blocks.pop(&d_in, &take)?;
-            for (r, rows) in taken.iter().enumerate() {
-                if let (Some(rows), Some(g)) = (rows, group_of(r, depth - 1)) {
-                    let (pass, b) = (requests[r].0, requests[r].2.len());
-                    let rows = rows
-                        .reshape((b, pass.seq, h))?
-                        .narrow(1, pass.mask, 1)?
-                        .reshape((b, h))?;
-                    d_own[r][g] = Some(own_backward(r, g, &rows)?);
-                }
-            }
-            d = rest;
+            d = leave(&mut blocks, &d_in, depth - 1)?;
         }
         let points: Vec<usize> = requests.iter().map(|r| r.2.len()).collect();
         layer_results(&gold_p, &head_spans, &points, d_own)

@@ -18,8 +18,8 @@ use crate::model::llama::{rotary_tables, Llama};
 use crate::model::nn::most_negative;
 
 use super::ops::{
-    activate, cat_rows, device_name, gold_probability_gradient, host, layer_results, scaled,
-    softmax, Blocks, Dense, Dtypes, Norm, NormCache, Ops,
+    activate, cat_along, cat_rows, device_name, gold_probability_gradient, host, layer_results,
+    scaled, softmax, Blocks, Dense, Dtypes, Norm, NormCache, Ops,
 };
 use super::TensorPass;
 
@@ -476,10 +476,7 @@ impl DecoderTensorEngine {
             probs_of.push(probs);
             start += rows;
         }
-        let context = match contexts.len() {
-            1 => contexts.pop().expect("one part"),
-            _ => Tensor::cat(&contexts, 1)?,
-        };
+        let context = cat_along(contexts, 1)?;
         let residual = (layer.attn_out.forward(&self.ungrouped(&context)?)? + x)?;
         let (neurons, (slope, gated, ffn_norm)) = self.ffn(layer, &residual)?;
         let out = (layer.down.forward(&neurons)? + &residual)?;
@@ -547,15 +544,10 @@ impl DecoderTensorEngine {
             d_qs.push(d_q);
             start += rows;
         }
-        let along_rows = |mut t: Vec<Tensor>| -> Ops<Tensor> {
-            match t.len() {
-                1 => Ok(t.pop().expect("one part")),
-                _ => Tensor::cat(&t, 1),
-            }
-        };
-        let d_v = self.group_sum(&along_rows(d_vs)?)?;
-        let d_q = self.ungrouped(&along_rows(d_qs)?)?;
-        let d_k = self.group_sum(&along_rows(ds_owns)?.broadcast_mul(&cache.q)?)?;
+        // The parts' rows are along dimension 1 of the grouped heads.
+        let d_v = self.group_sum(&cat_along(d_vs, 1)?)?;
+        let d_q = self.ungrouped(&cat_along(d_qs, 1)?)?;
+        let d_k = self.group_sum(&cat_along(ds_owns, 1)?.broadcast_mul(&cache.q)?)?;
         let r = d_q.dim(0)?;
         let d_q = self
             .rotate(d_q.reshape((r, self.heads, d))?, parts, rope_back)?

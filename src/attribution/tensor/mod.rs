@@ -6,8 +6,8 @@
 //! It implements the same [`PromptPass`] as the flat engines, so the integrated-gradients
 //! loop ([`super::ig`]) is shared, and [`PromptPasses`] jointly: one batch holds the
 //! points of several prompts of a fact (each prompt's rows a block of their own, its
-//! attention over its own sequence, the dense products on all rows at once). The architectures are in [`bert`] and [`decoder`],
-//! their kernels in [`ops`]. Backward passes are written by hand: nothing is
+//! attention over its own sequence, the dense products on all rows at once). The
+//! architectures are in [`bert`] and [`decoder`], their kernels in [`ops`]. Backward passes are written by hand: nothing is
 //! differentiated by candle's autograd, which would form a gradient for every weight
 //! the graph reads.
 
@@ -102,21 +102,26 @@ impl<F: Real> TensorEngine<F> {
         &self,
         prompts: &[(&[u32], usize)],
     ) -> Result<Box<dyn PromptPasses<F> + '_>> {
-        let on = |e| on_device(e, self.device);
         Ok(match &self.kind {
-            Kind::Bert(e) => Box::new(TensorPasses(
-                prompts
-                    .iter()
-                    .map(|&(ids, position)| Ok(OnDevice(e.prepare(ids, position).map_err(on)?)))
-                    .collect::<Result<_>>()?,
-            )),
-            Kind::Decoder(e) => Box::new(TensorPasses(
-                prompts
-                    .iter()
-                    .map(|&(ids, position)| Ok(OnDevice(e.prepare(ids, position).map_err(on)?)))
-                    .collect::<Result<_>>()?,
-            )),
+            Kind::Bert(e) => Box::new(self.passes(prompts, |ids, p| e.prepare(ids, p))?),
+            Kind::Decoder(e) => Box::new(self.passes(prompts, |ids, p| e.prepare(ids, p))?),
         })
+    }
+
+    /// Each prompt's pass by `prepare`, device errors explained.
+    fn passes<P>(
+        &self,
+        prompts: &[(&[u32], usize)],
+        prepare: impl Fn(&[u32], usize) -> Result<P>,
+    ) -> Result<TensorPasses<P>> {
+        let passes = prompts
+            .iter()
+            .map(|&(ids, position)| {
+                let pass = prepare(ids, position).map_err(|e| on_device(e, self.device))?;
+                Ok(OnDevice(pass))
+            })
+            .collect::<Result<_>>()?;
+        Ok(TensorPasses(passes))
     }
 }
 

@@ -206,11 +206,16 @@ pub(super) fn scaled(w: &Tensor, alphas: &[f64]) -> Ops<Tensor> {
 }
 
 /// Rows along dimension 0, or the one tensor itself (no copy).
-pub(super) fn cat_rows(mut parts: Vec<Tensor>) -> Ops<Tensor> {
+pub(super) fn cat_rows(parts: Vec<Tensor>) -> Ops<Tensor> {
+    cat_along(parts, 0)
+}
+
+/// `parts` concatenated along `dim`, or the one part itself (no copy).
+pub(super) fn cat_along(mut parts: Vec<Tensor>, dim: usize) -> Ops<Tensor> {
     if parts.len() == 1 {
         return Ok(parts.pop().expect("one part"));
     }
-    Tensor::cat(&parts, 0)
+    Tensor::cat(&parts, dim)
 }
 
 /// The rows of several requests (prompts) in one stacked tensor, request by request:
