@@ -1,5 +1,5 @@
-//! Prints the paper's findings table measured on a model and its facts (KN-SPEC.md,
-//! "Numbers to compare with"): refined neurons per fact and their layers, shared
+//! Prints the paper's findings table measured on a model and its facts beside the paper's
+//! (Dai et al. 2022): refined neurons per fact and their layers, shared
 //! neurons, suppress and amplify against random neurons and the activation baseline,
 //! updates against random neurons, erasing each relation.
 //!

@@ -1,6 +1,6 @@
 """The paper's findings table from a `kn report` directory made by
-scripts/make-smollm2-findings: SmolLM2's numbers beside bert-base-cased's (KN-SPEC.md,
-"Numbers to compare with"). Reads DIR/report.json, DIR/fixed-p/report.json, DIR/run.json
+scripts/make-smollm2-findings: SmolLM2's numbers beside bert-base-cased's (the paper's
+own numbers). Reads DIR/report.json, DIR/fixed-p/report.json, DIR/run.json
 and DIR/known.tsv; prints Markdown.
 
     python3 scripts/smollm2-table.py docs/smollm2 > docs/smollm2/table.md

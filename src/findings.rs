@@ -1,8 +1,8 @@
 //! The paper's findings, measured on one model and one set of facts: how many refined
 //! neurons a fact has and where they lie, how many fact pairs share, what suppressing
 //! and amplifying them does beside random neurons and the activation baseline's
-//! neurons, what updating a fact and erasing a relation do (KN-SPEC.md, "Numbers to
-//! compare with"). `examples/findings.rs` prints the table; `tests/findings.rs` asserts
+//! neurons, what updating a fact and erasing a relation do, beside the paper's own
+//! numbers (Dai et al. 2022). `examples/findings.rs` prints the table; `tests/findings.rs` asserts
 //! it on the bundled fact model.
 
 use std::collections::{BTreeMap, HashSet};
@@ -405,7 +405,7 @@ fn erases(
 }
 
 impl Findings {
-    /// The paper's table with these numbers beside its own (KN-SPEC.md).
+    /// The paper's table with these numbers beside its own (Dai et al. 2022).
     pub fn table(&self) -> String {
         let k = &self.knowledge_neurons;
         let b = &self.baseline;

@@ -1,7 +1,7 @@
 //! `kn probe`: do the knowledge neurons matter? Suppress (× 0) or amplify (× factor) a
 //! fact's refined neurons at the `[MASK]` position and measure the gold probability on
-//! each of its prompts, beside the same operation on control neurons (KN-SPEC.md,
-//! "Suppress and amplify").
+//! each of its prompts, beside the same operation on control neurons (the paper's
+//! suppress and amplify experiment).
 //!
 //! # Format
 //!

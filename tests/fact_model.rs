@@ -3,9 +3,9 @@
 //! recomputed here with kn's library, equals the committed figures
 //! (`data/fact-model/training.json`) and meets the targets (≥ 90% and ≥ 50%); the
 //! weights carry `BertForMaskedLM`'s names; `kn attribute` finds refined neurons on it.
-//! How long that takes is a benchmark figure (README, Speed), not asserted here.
+//! How long that takes is a benchmark figure (docs/speed/README.md), not asserted here.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;

@@ -6,10 +6,10 @@
 //! share, suppress and amplify beside random neurons and another relation's neurons, the
 //! activation baseline's neurons, updates one fact at a time beside random neurons, and
 //! one erase. It asserts the directions that hold on the whole run
-//! (README, "Findings on SmolLM2"), with margins of about half the gaps measured on this
+//! (docs/findings.md, "Findings on SmolLM2-135M"), with margins of about half the gaps measured on this
 //! subset, quoted beside each assertion.
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 use std::path::Path;

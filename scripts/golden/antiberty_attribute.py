@@ -5,7 +5,7 @@ What it does
 ------------
 Implements the integrated-gradients (IG) knowledge-neuron attribution of Dai et
 al., "Knowledge Neurons in Pretrained Transformers" (ACL 2022), exactly as their
-released code does it (see shared KN-SPEC.md), on the AntiBERTy BERT MLM loaded as
+released code does it (left Riemann sum, m = 20, baseline 0), on the AntiBERTy BERT MLM loaded as
 `transformers.BertForMaskedLM` (same loader and checks as antiberty_predict.py),
 and writes a golden JSON file for the Rust tests.
 

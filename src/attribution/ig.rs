@@ -1,4 +1,4 @@
-//! Integrated gradients over FFN neurons (Dai et al. 2022; README, `kn attribute`).
+//! Integrated gradients over FFN neurons (Dai et al. 2022; docs/guide/attribute.md).
 //!
 //! For one prompt and one layer L: let `w` be L's neurons at the `[MASK]` position in the
 //! normal forward pass. Replace that whole vector by `α·w` (other positions and layers

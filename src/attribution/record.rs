@@ -100,7 +100,7 @@ pub enum Precision {
     /// Double precision: about twice the time, for exact comparisons.
     F64,
     /// bf16 weight products, f32 everything else (the tensor engine only; for GPUs'
-    /// 16-bit matrix units). Scores agree with f32's less closely: see the README.
+    /// 16-bit matrix units). Scores agree with f32's less closely: see docs/gpu.md.
     Bf16,
     /// f16 weight products, f32 everything else (the tensor engine only).
     F16,

@@ -1,5 +1,5 @@
 //! From scores to knowledge neurons: the coarse set of each prompt and the refined set
-//! of a fact (the paper's coarse and refined sets; README, `kn attribute`), and the released code's adaptive
+//! of a fact (the paper's coarse and refined sets; docs/guide/attribute.md), and the released code's adaptive
 //! share per relation.
 
 use std::collections::BTreeMap;

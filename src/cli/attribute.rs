@@ -75,7 +75,7 @@ pub(super) struct AttributeArgs {
     /// The engine's float type: f32 (vectorised), or f64 (about twice the time; scores
     /// agree with a float64 reference to ~1e-8 rather than ~1e-4). bf16 and f16 (tensor
     /// engine only): the weight products in 16 bits, everything else in f32, for GPUs'
-    /// 16-bit matrix units; scores agree with f32's less closely (see the README).
+    /// 16-bit matrix units; scores agree with f32's less closely (see docs/gpu.md).
     #[arg(long, default_value = "f32", value_name = "f32|f64|bf16|f16")]
     precision: Precision,
     /// Attribution engine: auto (tensor on CUDA, flat on the CPU), flat (kn's CPU

@@ -1,5 +1,5 @@
 //! `kn edit`: change what the model knows through the value slots of its knowledge
-//! neurons (the paper's update and erase rules; README, `kn edit`), without any training.
+//! neurons (the paper's update and erase rules; docs/guide/edit.md), without any training.
 //!
 //! A neuron (L, i)'s value slot is column i of `encoder.layer.L.output.dense.weight`
 //! (`[hidden, intermediate]`): what the neuron adds to the residual stream when it fires.
