@@ -41,7 +41,8 @@ pub(super) fn run(args: MergeArgs) -> anyhow::Result<Outcome> {
         }
         // Written beside --out and renamed into place when complete, so a refused or
         // failed merge leaves no output that looks whole.
-        let partial = PartialFile::create(&args.out)?;
+        let partial = PartialFile::create(&args.out)
+            .with_context(|| format!("{}: cannot open for writing", args.out.display()))?;
         let mut writer = std::io::BufWriter::new(partial.file());
         let summary = merge(&args.inputs, &mut writer, &args.out)?;
         writer

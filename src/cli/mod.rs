@@ -205,7 +205,9 @@ fn claim_output(
     inputs: &[PathBuf],
     quiet: bool,
 ) -> anyhow::Result<Option<output::OutputLock>> {
-    if output::is_stdout(out) {
+    // An output whose folder is missing can be no input, and cannot be written: the
+    // command's own check says so in its words.
+    if output::is_stdout(out) || output::resolve(out).is_err() {
         return Ok(None);
     }
     output::refuse_inputs(out, inputs)?;

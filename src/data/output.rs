@@ -33,15 +33,19 @@ pub fn resolve(path: &Path) -> Result<PathBuf> {
         .file_name()
         .ok_or_else(|| Error::output(path, "does not name a file or directory"))?;
     let folder = folder_of(path);
-    let folder = folder.canonicalize().map_err(|e| {
-        Error::output(
-            path,
-            format!(
-                "cannot write it: the folder {} does not exist ({e})",
-                folder.display()
-            ),
-        )
-    })?;
+    let folder = folder
+        .canonicalize()
+        .ok()
+        .filter(|f| f.is_dir())
+        .ok_or_else(|| {
+            Error::output(
+                path,
+                format!(
+                    "cannot write it: the folder {} does not exist (or is not a folder)",
+                    folder.display()
+                ),
+            )
+        })?;
     Ok(folder.join(name))
 }
 
