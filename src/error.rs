@@ -24,8 +24,7 @@ pub enum Error {
     /// last line without its newline, which `--resume` and `kn merge` never count as done.
     #[error(
         "{}: cannot write record {record}: {source}; the {} record(s) before it are \
-         complete, and a partly written last line is not counted as done \
-         (`kn attribute --resume` drops it and redoes that fact)",
+         complete{hint}",
         path.display(),
         record - 1
     )]
@@ -34,6 +33,9 @@ pub enum Error {
         path: PathBuf,
         /// 1-based number of the record in this run's output.
         record: usize,
+        /// What the user can do about the output, when the command can continue it
+        /// (`kn attribute --resume`); empty otherwise.
+        hint: &'static str,
         /// The underlying error.
         #[source]
         source: std::io::Error,
@@ -57,6 +59,16 @@ pub enum Error {
         /// The file (`-` for stdin).
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+
+    /// An output that kn refuses to write: it is also an input, another kn run is
+    /// writing it, or it is not the kind of file asked for.
+    #[error("{}: {reason}", path.display())]
+    Output {
+        /// The output as given.
+        path: PathBuf,
+        /// Why it is refused.
         reason: String,
     },
 
@@ -138,6 +150,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// An [`Error::Output`] for `path`.
+    pub fn output(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Output {
+            path: path.into(),
+            reason: reason.into(),
         }
     }
 

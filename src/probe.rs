@@ -31,8 +31,9 @@ use std::io::Write;
 use serde::{Deserialize, Serialize};
 
 use crate::attribution::record::{FactLine, Method, ModelInfo};
+use crate::attribution::run::fact_id;
 use crate::data::neurons::{refined_neurons, KnownFact};
-use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, NeuronsFile};
+use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, NeuronsFile, SeenIds};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel, Neuron, NeuronOp, NeuronPatch};
 use crate::predict::{encode_prompts, mask_distributions, RunSummary};
@@ -537,10 +538,11 @@ pub fn run_probe<W: Write>(
     };
     match input {
         Some(mut lines) => {
+            let mut seen = SeenIds::default();
             while let Some((line, fact)) = lines.next_record::<FactLine>(errors)? {
-                let outcome = prober
-                    .neurons
-                    .resolve(&fact, line)
+                let outcome = seen
+                    .check(&fact_id(&fact, line), line)
+                    .and_then(|()| prober.neurons.resolve(&fact, line))
                     .map_err(|reason| lines.error(line, reason))
                     .and_then(|known| prober.probe(&known).map_err(|e| lines.error(line, e)));
                 match outcome {
@@ -634,6 +636,8 @@ mod tests {
                 revision: None,
                 commit: None,
                 weights_sha256: String::new(),
+                config_sha256: None,
+                tokenizer_sha256: None,
             },
             params: params.clone(),
             kn_version: String::new(),

@@ -3,7 +3,8 @@
 //! Shards are the outputs of `kn attribute --shard K/N` (a Slurm array, GNU parallel),
 //! possibly rerun after a task died. Merging them is checked where a `cat` would not be:
 //!
-//! - every record must come from the model (same `weights_sha256`) and the parameters of
+//! - every record must come from the model (same `weights_sha256`, and `config_sha256`
+//!   and `tokenizer_sha256` where recorded) and the parameters of
 //!   the first one, or the merge is refused with what differs (as `kn report` refuses);
 //! - a fact present twice (a task rerun over an output that another copy of it also
 //!   wrote, overlapping shard specs) is kept once when both copies are the same record,
@@ -89,17 +90,14 @@ pub fn merge<W: Write>(paths: &[PathBuf], out: &mut W, out_name: &Path) -> Resul
                 .map_err(|e| here.error(format!("not a kn attribute record: {e}")))?;
             match &model {
                 None => model = Some((here.clone(), record.model.clone())),
-                Some((there, first)) if first.weights_sha256 != record.model.weights_sha256 => {
-                    return Err(here.error(format!(
-                        "made with another model than {there}: weights_sha256 {} ({}) here, \
-                         {} ({}) there; kn merge merges only shards of one run",
-                        record.model.weights_sha256,
-                        record.model.source,
-                        first.weights_sha256,
-                        first.source
-                    )))
+                Some((there, first)) => {
+                    if let Some(difference) = record.model.difference(first) {
+                        return Err(here.error(format!(
+                            "made with another model than {there}: {difference}; kn merge \
+                             merges only shards of one run"
+                        )));
+                    }
                 }
-                Some(_) => {}
             }
             let these = comparable_params(&record.params);
             match &params {

@@ -349,5 +349,7 @@ pub fn model_info(lm: &LoadedModel) -> Result<ModelInfo> {
         revision,
         commit: lm.files.commit.clone(),
         weights_sha256: lm.files.weights_sha256()?,
+        config_sha256: Some(lm.files.config_sha256()?),
+        tokenizer_sha256: Some(lm.files.tokenizer_sha256()?),
     })
 }

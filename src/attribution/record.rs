@@ -18,7 +18,8 @@
 //!              "kept":[{"layer":7,"index":88,"score":0.003}],
 //!              "completeness":[{"layer":0,"sum":0.0123,"target":0.0129}],
 //!              "completeness_error":0.046}],
-//!  "model":{"source":"bert-base-cased","revision":"main","commit":"…","weights_sha256":"…"},
+//!  "model":{"source":"bert-base-cased","revision":"main","commit":"…","weights_sha256":"…",
+//!           "config_sha256":"…","tokenizer_sha256":"…"},
 //!  "params":{"method":"integrated-gradients","steps":20,"rule":"left","threshold":0.2,
 //!            "share":0.7,"min_prompts":3,"keep":0.1},
 //!  "kn_version":"0.1.0"}
@@ -153,6 +154,65 @@ pub struct ModelInfo {
     pub commit: Option<String>,
     /// sha256 of the weights file.
     pub weights_sha256: String,
+    /// sha256 of `config.json` (of a GGUF file: the file's, whose metadata holds the
+    /// configuration). Part of the model's identity: the same weights under another
+    /// configuration are another model. Absent in records of kn versions that did not
+    /// record it: unknown (see [`ModelInfo::difference`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_sha256: Option<String>,
+    /// sha256 of the tokenizer: of `tokenizer.json`, or of `vocab.txt` and
+    /// `tokenizer_config.json` together (a GGUF file: the file's). Absent as
+    /// `config_sha256` is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_sha256: Option<String>,
+}
+
+impl ModelInfo {
+    /// Why `other` is not the same model as `self`, if it is not: its weights, its
+    /// configuration or its tokenizer differ. The path or hub id does not count (one
+    /// directory can be named two ways). A hash that either side lacks (a record of an
+    /// older kn) is unknown and not counted; `kn attribute --resume`, which must be
+    /// exact, refuses such records itself.
+    pub fn difference(&self, other: &ModelInfo) -> Option<String> {
+        fn short(sha: &str) -> &str {
+            sha.get(..12).unwrap_or(sha)
+        }
+        if self.weights_sha256 != other.weights_sha256 {
+            return Some(format!(
+                "weights_sha256 {} ({}) here, {} ({}) there",
+                short(&self.weights_sha256),
+                self.source,
+                short(&other.weights_sha256),
+                other.source
+            ));
+        }
+        for (name, here, there) in [
+            ("config_sha256", &self.config_sha256, &other.config_sha256),
+            (
+                "tokenizer_sha256",
+                &self.tokenizer_sha256,
+                &other.tokenizer_sha256,
+            ),
+        ] {
+            if let (Some(here), Some(there)) = (here, there) {
+                if here != there {
+                    return Some(format!(
+                        "the same weights but another {}: {name} {} ({}) here, {} ({}) there",
+                        if name == "config_sha256" {
+                            "config.json"
+                        } else {
+                            "tokenizer"
+                        },
+                        short(here),
+                        self.source,
+                        short(there),
+                        other.source
+                    ));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// One prompt of a fact.

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use super::record::{FactLine, ModelInfo, Params};
 use super::{Attributor, Fact};
-use crate::data::{JsonlInput, JsonlWriter, LineErrors};
+use crate::data::{JsonlInput, JsonlWriter, LineErrors, SeenIds};
 use crate::error::{Error, Result};
 use crate::predict::RunSummary;
 
@@ -71,9 +71,12 @@ pub fn fact_id(line: &FactLine, line_number: usize) -> serde_json::Value {
         .unwrap_or_else(|| serde_json::Value::from(line_number))
 }
 
-/// Prepares `--resume` on an existing output: drops a last line cut off by a killed
-/// run, checks that every record was made with the same parameters and model, and
-/// returns the ids already done. A missing file resumes nothing.
+/// Prepares `--resume` on an existing output: checks, reading only, that every whole
+/// line is a record made with the same parameters and model (weights, configuration and
+/// tokenizer) and that a last line without newline is the start of one (a record cut off
+/// by a kill or a full disk); only then drops that cut-off line, so that a file that is
+/// not kn's is refused untouched. Returns the ids already done; a missing file resumes
+/// nothing.
 pub fn prepare_resume(path: &Path, params: &Params, model: &ModelInfo) -> Result<HashSet<String>> {
     let mut done = HashSet::new();
     let bytes = match std::fs::read(path) {
@@ -82,7 +85,69 @@ pub fn prepare_resume(path: &Path, params: &Params, model: &ModelInfo) -> Result
         Err(e) => return Err(Error::io(path, e)),
     };
     let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    let want_params = serde_json::to_value(params).unwrap_or_default();
+    let want_model = serde_json::to_value(model).unwrap_or_default();
+    let refuse = |line: usize, reason: String| Error::Input {
+        path: path.to_path_buf(),
+        line,
+        reason: format!(
+            "{reason}; refusing to --resume (use another --out, or remove the file); the file \
+             was not changed"
+        ),
+    };
+    let mut lines = 0;
+    for (n, line) in bytes[..complete].split(|&b| b == b'\n').enumerate() {
+        lines = n + 1;
+        let Ok(line) = std::str::from_utf8(line) else {
+            return Err(refuse(
+                n + 1,
+                "not a kn attribute record (not UTF-8)".into(),
+            ));
+        };
+        if line.trim().is_empty() {
+            continue;
+        }
+        let record: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| refuse(n + 1, format!("not a kn attribute record ({e})")))?;
+        if record["params"] != want_params {
+            return Err(refuse(
+                n + 1,
+                format!(
+                    "written with other parameters: {} there, {} now",
+                    record["params"], want_params
+                ),
+            ));
+        }
+        if record["model"] != want_model {
+            let reason = if record["model"].get("config_sha256").is_none() {
+                format!(
+                    "written by a kn that did not record the model's config_sha256, so whether \
+                     config.json was the same cannot be told: {} there, {} now",
+                    record["model"], want_model
+                )
+            } else {
+                format!(
+                    "written with another model: {} there, {} now",
+                    record["model"], want_model
+                )
+            };
+            return Err(refuse(n + 1, reason));
+        }
+        done.insert(record["id"].to_string());
+    }
     if complete < bytes.len() {
+        // A record is written as one line that starts with its id: anything else after
+        // the last newline is not a record cut off by kn, and is not kn's to drop.
+        const START: &[u8] = b"{\"id\":";
+        let tail = &bytes[complete..];
+        let n = tail.len().min(START.len());
+        if tail[..n] != START[..n] {
+            return Err(refuse(
+                // `split` ends with the piece after the last newline: this line.
+                lines,
+                "the last line has no newline and is not the start of a kn attribute record".into(),
+            ));
+        }
         // The record in flight when the run was killed: redo that fact.
         let file = std::fs::OpenOptions::new()
             .write(true)
@@ -90,37 +155,6 @@ pub fn prepare_resume(path: &Path, params: &Params, model: &ModelInfo) -> Result
             .map_err(|e| Error::io(path, e))?;
         file.set_len(complete as u64)
             .map_err(|e| Error::io(path, e))?;
-    }
-    let text = String::from_utf8_lossy(&bytes[..complete]);
-    let want_params = serde_json::to_value(params).unwrap_or_default();
-    let want_model = serde_json::to_value(model).unwrap_or_default();
-    for (n, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        let refuse = |reason: String| Error::Input {
-            path: path.to_path_buf(),
-            line: n + 1,
-            reason: format!(
-                "{reason}; refusing to --resume (use another --out, or remove the file)"
-            ),
-        };
-        let record: serde_json::Value = serde_json::from_str(line)
-            .map_err(|e| refuse(format!("not a kn attribute record ({e})")))?;
-        if record["params"] != want_params {
-            return Err(refuse(format!(
-                "written with other parameters: {} there, {} now",
-                record["params"], want_params
-            )));
-        }
-        if record["model"] != want_model {
-            return Err(refuse(format!(
-                "written with another model: {} there, {} now",
-                record["model"], want_model
-            )));
-        }
-        done.insert(record["id"].to_string());
     }
     Ok(done)
 }
@@ -161,7 +195,8 @@ pub fn count_pending(path: &Path, options: &RunOptions) -> Option<u64> {
 }
 
 /// Attributes every wanted fact of `input`, writing one record per fact. A bad line
-/// (not JSON, no answer, no prompts, a prompt or answer the model cannot take) is
+/// (not JSON, too long, an id already seen, no answer, no prompts, a prompt or answer
+/// the model cannot take) is
 /// passed to `report` and skipped, unless `fail_fast`; output and model errors end the run.
 pub fn run_attribute<W: Write>(
     attributor: &Attributor,
@@ -173,8 +208,18 @@ pub fn run_attribute<W: Write>(
 ) -> Result<RunSummary> {
     let mut summary = RunSummary::default();
     let mut errors = LineErrors::new(options.fail_fast, report);
+    let mut seen = SeenIds::default();
     while let Some((line, parsed)) = input.next_record::<FactLine>(&mut errors)? {
         let id = fact_id(&parsed, line);
+        // Checked on every line, in and out of the shard and resumed or not, so that a
+        // repeated id is refused the same way in every run over the file.
+        if let Err(reason) = seen.check(&id, line) {
+            if options.wants(&id) {
+                progress.advance();
+            }
+            errors.fail(input.error(line, reason))?;
+            continue;
+        }
         if !options.wants(&id) {
             continue;
         }

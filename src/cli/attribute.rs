@@ -7,7 +7,7 @@ use anyhow::bail;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use super::{check_output, open_output, report, ModelArgs, Outcome};
+use super::{check_output, claim_output, open_output, report, ModelArgs, Outcome};
 use crate::attribution::ig::{IgOptions, Rule};
 use crate::attribution::record::{FactRecord, Method, Precision};
 use crate::attribution::refine::{reselect, Reselect};
@@ -15,7 +15,9 @@ use crate::attribution::run::{
     count_pending, prepare_resume, run_attribute, Progress, RunOptions, Shard,
 };
 use crate::attribution::{AttributeOptions, Attributor, EngineChoice};
-use crate::data::{JsonlInput, JsonlWriter};
+use crate::data::jsonl::RECORD_LINE_LIMIT;
+use crate::data::output::{self, PartialFile};
+use crate::data::{JsonlInput, JsonlWriter, SeenIds};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum MethodArg {
@@ -200,13 +202,19 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
     if args.resume && args.out == Path::new("-") {
         bail!("--resume needs --out FILE (it cannot resume stdout)");
     }
+    // Held to the end of the run: no other kn writes --out meanwhile.
+    let _lock = claim_output(
+        &args.out,
+        std::slice::from_ref(&args.fact),
+        args.model.quiet,
+    )?;
     if !args.resume && !args.force && args.out.exists() {
         // Said before the model loads (minutes for a hub model), not after.
         open_output(&args.out, false, false, true)?;
     }
     check_output(&args.out)?;
     let input = JsonlInput::open(&args.fact)?;
-    let lm = args.model.load()?;
+    let lm = args.model.load(&[&args.out])?;
     let cuda = lm.model.device().is_cuda();
     let mut options = options;
     let tensor = match options.engine {
@@ -248,7 +256,7 @@ pub(super) fn run(args: AttributeArgs) -> anyhow::Result<Outcome> {
         }
     }
     let out = open_output(&args.out, args.resume, args.force, true)?;
-    let mut out = JsonlWriter::new(out, &args.out);
+    let mut out = JsonlWriter::new(out, &args.out).resumable();
     let bar = Bar::new(args.model.quiet);
     if let Some(total) = count_pending(&args.fact, &run_options) {
         bar.set_total(total);
@@ -310,12 +318,23 @@ pub(super) struct RefineArgs {
 }
 
 pub(super) fn refine(args: RefineArgs) -> anyhow::Result<Outcome> {
-    let input = JsonlInput::open(&args.input)?;
+    let _lock = claim_output(&args.out, std::slice::from_ref(&args.input), true)?;
+    if !args.force && !output::is_stdout(&args.out) && args.out.exists() {
+        bail!(
+            "{}: exists; use --force to overwrite it",
+            args.out.display()
+        );
+    }
+    let input = JsonlInput::open(&args.input)?.with_line_limit(RECORD_LINE_LIMIT);
     let mut records: Vec<FactRecord> = Vec::new();
+    let mut seen = SeenIds::default();
     let mut lines = input;
     while let Some(item) = lines.next() {
         let (line, text) = item?;
-        records.push(lines.parse(line, &text)?);
+        let record: FactRecord = lines.parse(line, &text)?;
+        seen.check(&record.id, line)
+            .map_err(|reason| lines.error(line, reason))?;
+        records.push(record);
     }
     let how = Reselect {
         threshold: args.threshold,
@@ -324,10 +343,21 @@ pub(super) fn refine(args: RefineArgs) -> anyhow::Result<Outcome> {
         adaptive: args.adaptive,
     };
     let records = reselect(records, &how)?;
-    let mut out = JsonlWriter::new(open_output(&args.out, false, args.force, false)?, &args.out);
+    if output::is_stdout(&args.out) {
+        let mut out = JsonlWriter::new(std::io::stdout().lock(), "<stdout>");
+        for record in &records {
+            out.write(record)?;
+        }
+        return Ok(Outcome::Clean);
+    }
+    // Whole or not at all: a full disk leaves no half-written --out.
+    let partial = PartialFile::create(&args.out)?;
+    let mut out = JsonlWriter::new(std::io::BufWriter::new(partial.file()), &args.out);
     for record in &records {
         out.write(record)?;
     }
+    drop(out);
+    partial.commit()?;
     Ok(Outcome::Clean)
 }
 

@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::{load_model, report, Outcome};
+use super::{claim_output, load_model, report, Outcome};
 use crate::attribution::model_info;
-use crate::data::{JsonlInput, LineErrors, NeuronsFile};
+use crate::attribution::run::fact_id;
+use crate::data::output::write_whole;
+use crate::data::{JsonlInput, LineErrors, NeuronsFile, SeenIds};
 use crate::edit::eval::{
     build_report, read_eval_facts, update_each, EditedFact, EvalFact, ReportInputs,
 };
@@ -137,7 +139,36 @@ struct UpdateLine {
 }
 
 pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
-    // Refuse existing outputs before any slow work.
+    if args.out.is_some() && args.out == args.report {
+        bail!("--out and --report name the same path");
+    }
+    // Outputs are claimed (never an input, one writer) for the whole run, and existing
+    // ones refused, before any slow work.
+    let inputs: Vec<PathBuf> = [&args.neurons, &args.update, &args.eval, &args.revert]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let outputs: Vec<&Path> = [
+        args.out.as_deref().filter(|_| !args.dry_run),
+        args.report.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let mut locks = Vec::new();
+    for out in &outputs {
+        locks.push(claim_output(out, &inputs, args.quiet)?);
+    }
+    if let Some(out) = args.out.as_deref().filter(|_| !args.dry_run) {
+        if out.exists() && !out.is_dir() {
+            bail!(
+                "{}: exists and is not a directory; --out names the edited model's directory \
+                 (remove the file, or choose another --out)",
+                out.display()
+            );
+        }
+    }
     if let Some(out) = &args.out {
         if out.exists() && !args.force {
             bail!(
@@ -172,7 +203,13 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
     let neurons = NeuronsFile::read(neurons_path)?;
     let update_bytes = args.update.as_deref().map(read_input).transpose()?;
     let spec = args.model.as_deref().context("--model is required")?;
-    let lm = load_model(spec, args.revision.as_deref(), args.device, args.quiet)?;
+    let lm = load_model(
+        spec,
+        args.revision.as_deref(),
+        args.device,
+        args.quiet,
+        &outputs,
+    )?;
     neurons.check_model(&lm.config)?;
     let model = model_info(&lm)?;
     let storage = storage_dtype(&lm.files, lm.architecture())?;
@@ -228,8 +265,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 )?;
                 if let Some(path) = &args.report {
                     let text = serde_json::to_string_pretty(&outcome.report)? + "\n";
-                    std::fs::write(path, text)
-                        .with_context(|| format!("writing {}", path.display()))?;
+                    write_whole(path, text.as_bytes())?;
                 }
                 if !args.quiet {
                     let plan = EditPlan {
@@ -331,7 +367,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
     }
     if let Some(path) = &args.report {
         let text = serde_json::to_string_pretty(&report_record)? + "\n";
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_whole(path, text.as_bytes())?;
     }
     if !args.quiet {
         let mut stderr = std::io::stderr().lock();
@@ -386,9 +422,11 @@ fn read_updates<'a>(
 ) -> anyhow::Result<Vec<UpdateRequest<'a>>> {
     let mut input = JsonlInput::from_reader(path, Box::new(BufReader::new(Cursor::new(bytes))));
     let mut requests = Vec::new();
+    let mut seen = SeenIds::default();
     while let Some((line, update)) = input.next_record::<UpdateLine>(errors)? {
-        let checked = neurons
-            .resolve(&update.fact, line)
+        let checked = seen
+            .check(&fact_id(&update.fact, line), line)
+            .and_then(|()| neurons.resolve(&update.fact, line))
             .map_err(|reason| input.error(line, reason))
             .and_then(|fact| {
                 let new_answer = update

@@ -29,9 +29,14 @@ pub(super) struct ManArgs {
 }
 
 pub(super) fn completions(args: CompletionsArgs) -> anyhow::Result<Outcome> {
+    // clap_complete panics on a write error (a closed pipe, `| head`): generate into
+    // memory, then write, so a closed pipe is an error main() treats as success.
+    let mut script = Vec::new();
+    clap_complete::generate(args.shell, &mut Cli::command(), "kn", &mut script);
     let mut out = std::io::stdout().lock();
-    clap_complete::generate(args.shell, &mut Cli::command(), "kn", &mut out);
-    out.flush().context("writing the completions to stdout")?;
+    out.write_all(&script)
+        .and_then(|()| out.flush())
+        .context("writing the completions to stdout")?;
     Ok(Outcome::Clean)
 }
 

@@ -13,12 +13,13 @@ mod report;
 
 use std::fs::OpenOptions;
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 
+use crate::data::output;
 use crate::error::Error;
 use crate::model::{DeviceChoice, LoadedModel, ModelFiles, ModelSource};
 
@@ -82,26 +83,34 @@ struct ModelArgs {
 }
 
 impl ModelArgs {
-    fn load(&self) -> anyhow::Result<LoadedModel> {
+    /// Loads the model, first refusing it when one of `outputs` is one of its files.
+    fn load(&self, outputs: &[&Path]) -> anyhow::Result<LoadedModel> {
         load_model(
             &self.model,
             self.revision.as_deref(),
             self.device,
             self.quiet,
+            outputs,
         )
     }
 }
 
 /// Finds, downloads if needed, and loads a model; says what was loaded unless `quiet`.
+/// Refuses, before loading, a model one of whose files is one of `outputs`.
 fn load_model(
     spec: &str,
     revision: Option<&str>,
     device: DeviceChoice,
     quiet: bool,
+    outputs: &[&Path],
 ) -> anyhow::Result<LoadedModel> {
     let source = ModelSource::parse(spec, revision)?;
     let device = device.open()?;
     let files = ModelFiles::locate(&source)?;
+    let model_paths = files.paths();
+    for out in outputs {
+        output::refuse_inputs(out, &model_paths)?;
+    }
     let lm = LoadedModel::load(files, candle_core::DType::F32, &device)
         .with_context(|| format!("loading model {source}"))?;
     if !quiet {
@@ -187,6 +196,30 @@ fn check_output(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Claims `out` for the whole run, before anything is opened for writing: refused when
+/// it is one of `inputs`, locked against other kn runs on it (the lock is held until
+/// the returned value is dropped), and cleaned of what killed runs left beside it.
+/// `None` for stdout.
+fn claim_output(
+    out: &Path,
+    inputs: &[PathBuf],
+    quiet: bool,
+) -> anyhow::Result<Option<output::OutputLock>> {
+    // An output whose folder is missing can be no input, and cannot be written: the
+    // command's own check says so in its words.
+    if output::is_stdout(out) || output::resolve(out).is_err() {
+        return Ok(None);
+    }
+    output::refuse_inputs(out, inputs)?;
+    let lock = output::OutputLock::acquire(out)?;
+    for note in output::recover_leftovers(out)? {
+        if !quiet {
+            eprintln!("kn: {note}");
+        }
+    }
+    Ok(Some(lock))
+}
+
 /// Prints a per-line error as ripgrep does: once, prefixed, on stderr.
 fn report(error: &Error) {
     eprintln!("kn: {error}");
@@ -224,10 +257,27 @@ pub fn main() -> ExitCode {
         }
         Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("kn: {err:#}");
+            eprintln!("kn: {}", message(&err));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, `: `-separated as `{:#}` writes them, but without a cause
+/// whose text the message already holds (kn's own errors print their source).
+fn message(err: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in err.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn is_broken_pipe(err: &anyhow::Error) -> bool {
@@ -241,6 +291,19 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use clap::CommandFactory;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_printed_once() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let err = anyhow::Error::from(crate::error::Error::io("out.jsonl", io))
+            .context("writing the report");
+        let text = super::message(&err);
+        assert_eq!(text.matches("os error 28").count(), 1, "{text}");
+        assert!(
+            text.starts_with("writing the report: out.jsonl: "),
+            "{text}"
+        );
+    }
 
     #[test]
     fn cli_is_well_formed() {

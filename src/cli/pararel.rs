@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::Args;
 
-use super::{open_output, Outcome};
+use super::{claim_output, Outcome};
+use crate::data::output::{self, PartialFile};
 use crate::data::pararel::{convert, BundledDir, ConvertOptions, DataDir, ParaRelDirs, Summary};
 use crate::data::JsonlWriter;
 use crate::model::{MaskTokenizer, ModelSource, TokenizerFiles};
@@ -89,9 +90,16 @@ fn dir_or_bundled(given: &Option<PathBuf>, bundled: BundledDir) -> DataDir {
 
 pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {
     let mut options = args.options()?;
-    // Refuse an existing --out before the (longer) reading, and open it only once every
+    let inputs: Vec<PathBuf> = [&args.patterns, &args.facts]
+        .into_iter()
+        .flatten()
+        .flat_map(|dir| std::fs::read_dir(dir).into_iter().flatten().flatten())
+        .map(|entry| entry.path())
+        .collect();
+    let _lock = claim_output(&args.out, &inputs, args.quiet)?;
+    // Refuse an existing --out before the (longer) reading, and write it only once every
     // input line has been checked, so that bad input leaves no partial file.
-    if args.out != std::path::Path::new("-") && args.out.exists() && !args.force {
+    if !output::is_stdout(&args.out) && args.out.exists() && !args.force {
         bail!(
             "{}: exists; use --force to overwrite it",
             args.out.display()
@@ -101,6 +109,7 @@ pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {
         Some(spec) => {
             let source = ModelSource::parse(spec, None)?;
             let files = TokenizerFiles::locate(&source)?;
+            output::refuse_inputs(&args.out, &files.paths())?;
             let tokenizer = MaskTokenizer::for_model(&files)
                 .with_context(|| format!("loading the tokenizer of {source}"))?;
             Some(tokenizer)
@@ -111,9 +120,20 @@ pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {
         options.object_last = true;
     }
     let conversion = convert(&options, vocab.as_ref())?;
-    let mut out = JsonlWriter::new(open_output(&args.out, false, args.force, false)?, &args.out);
-    for fact in &conversion.facts {
-        out.write(fact)?;
+    if output::is_stdout(&args.out) {
+        let mut out = JsonlWriter::new(std::io::stdout().lock(), "<stdout>");
+        for fact in &conversion.facts {
+            out.write(fact)?;
+        }
+    } else {
+        // Whole or not at all: a full disk leaves no partial --out to be --forced over.
+        let partial = PartialFile::create(&args.out)?;
+        let mut out = JsonlWriter::new(std::io::BufWriter::new(partial.file()), &args.out);
+        for fact in &conversion.facts {
+            out.write(fact)?;
+        }
+        drop(out);
+        partial.commit()?;
     }
     if !args.quiet {
         print_summary(&conversion.summary, args.vocab.as_deref());

@@ -31,7 +31,7 @@ pub(super) struct PredictArgs {
 pub(super) fn run(args: PredictArgs) -> anyhow::Result<Outcome> {
     // Open the input first: a missing file is reported before a slow model load.
     let input = JsonlInput::open(&args.input)?;
-    let lm = args.model.load()?;
+    let lm = args.model.load(&[])?;
     let options = PredictOptions {
         top_k: args.top_k as usize,
         fail_fast: args.fail_fast,

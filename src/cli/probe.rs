@@ -3,11 +3,12 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 
-use super::{report, ModelArgs, Outcome};
+use super::{claim_output, report, ModelArgs, Outcome};
 use crate::attribution::model_info;
+use crate::data::output::{write_whole, PartialFile};
 use crate::data::{JsonlInput, JsonlWriter, LineErrors, NeuronsFile};
 use crate::probe::{run_probe, ControlKind, Effect, ProbeMode, ProbeOptions, ProbeSummary, Prober};
 
@@ -64,17 +65,31 @@ pub(super) fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
     if args.fact.as_deref() == Some(Path::new("-")) && args.neurons == Path::new("-") {
         bail!("--neurons and --fact cannot both read stdin");
     }
+    if args.summary.is_some() && args.summary.as_ref() == Some(&args.out) {
+        bail!("--out and --summary name the same file");
+    }
+    let inputs: Vec<PathBuf> = [Some(&args.neurons), args.fact.as_ref()]
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    let mut locks = Vec::new();
     for path in [Some(&args.out), args.summary.as_ref()]
         .into_iter()
         .flatten()
     {
+        locks.push(claim_output(path, &inputs, args.model.quiet)?);
         if path != Path::new("-") && path.exists() && !args.force {
             bail!("{} exists; pass --force to overwrite it", path.display());
         }
     }
     let neurons = NeuronsFile::read(&args.neurons)?;
     let input = args.fact.as_deref().map(JsonlInput::open).transpose()?;
-    let lm = args.model.load()?;
+    let outputs: Vec<&Path> = [Some(args.out.as_path()), args.summary.as_deref()]
+        .into_iter()
+        .flatten()
+        .collect();
+    let lm = args.model.load(&outputs)?;
     let model = model_info(&lm)?;
     if !args.model.quiet
         && !neurons
@@ -108,14 +123,17 @@ pub(super) fn run(args: ProbeArgs) -> anyhow::Result<Outcome> {
         let mut out = JsonlWriter::new(std::io::stdout().lock(), "<stdout>");
         run_probe(&prober, input, &mut out, &mut errors)?
     } else {
-        let file = std::fs::File::create(&args.out)
-            .with_context(|| format!("creating {}", args.out.display()))?;
-        let mut out = JsonlWriter::new(file, &args.out);
-        run_probe(&prober, input, &mut out, &mut errors)?
+        // Whole or not at all: renamed into place once every fact is done.
+        let partial = PartialFile::create(&args.out)?;
+        let mut out = JsonlWriter::new(std::io::BufWriter::new(partial.file()), &args.out);
+        let done = run_probe(&prober, input, &mut out, &mut errors)?;
+        drop(out);
+        partial.commit()?;
+        done
     };
     if let Some(path) = &args.summary {
         let text = serde_json::to_string_pretty(&summary)? + "\n";
-        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        write_whole(path, text.as_bytes())?;
     }
     if !args.model.quiet {
         let mut stderr = std::io::stderr().lock();

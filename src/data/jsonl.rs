@@ -1,7 +1,7 @@
 //! JSON lines in and out. `-` means stdin or stdout.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
@@ -9,11 +9,22 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 
+/// The longest line of a facts or prompts input: far above any real fact (ParaRel's
+/// longest is under 4 KiB), far below what would exhaust memory in tokenization. A longer
+/// line is reported and skipped without being held in memory.
+pub const FACT_LINE_LIMIT: usize = 1 << 20;
+
+/// The longest line of a records input (`kn attribute` output read by `kn refine` and
+/// `kn report`): a record keeps every neuron above `keep` of every prompt, megabytes for
+/// a large model.
+pub const RECORD_LINE_LIMIT: usize = 256 << 20;
+
 /// A JSONL input: a file, or stdin for `-`.
 pub struct JsonlInput {
     path: PathBuf,
     reader: Box<dyn BufRead>,
     line: usize,
+    limit: usize,
 }
 
 impl JsonlInput {
@@ -40,6 +51,35 @@ impl JsonlInput {
             path: shown,
             reader,
             line: 0,
+            limit: FACT_LINE_LIMIT,
+        }
+    }
+
+    /// Lines longer than `limit` bytes are reported and skipped ([`FACT_LINE_LIMIT`] by
+    /// default).
+    pub fn with_line_limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+
+    /// Consumes the rest of an overlong line, up to and with its newline, a buffer at a
+    /// time.
+    fn skip_rest_of_line(&mut self) -> std::io::Result<()> {
+        loop {
+            let buf = self.reader.fill_buf()?;
+            if buf.is_empty() {
+                return Ok(());
+            }
+            match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    self.reader.consume(i + 1);
+                    return Ok(());
+                }
+                None => {
+                    let n = buf.len();
+                    self.reader.consume(n);
+                }
+            }
         }
     }
 
@@ -121,8 +161,25 @@ impl Iterator for JsonlInput {
         loop {
             let mut buf = Vec::new();
             self.line += 1;
-            match self.reader.read_until(b'\n', &mut buf) {
+            // At most one byte past the limit is read: enough to tell an overlong line.
+            let read = (&mut self.reader)
+                .take(self.limit as u64 + 1)
+                .read_until(b'\n', &mut buf);
+            match read {
                 Ok(0) => return None,
+                Ok(_) if buf.len() > self.limit && buf.last() != Some(&b'\n') => {
+                    drop(buf);
+                    if let Err(e) = self.skip_rest_of_line() {
+                        return Some(Err(Error::io(self.path.clone(), e)));
+                    }
+                    return Some(Err(self.error(
+                        self.line,
+                        format!(
+                            "the line is longer than {}; skipped unread",
+                            human_bytes(self.limit)
+                        ),
+                    )));
+                }
                 Ok(_) => {
                     let text = match String::from_utf8(buf) {
                         Ok(t) => t,
@@ -139,12 +196,50 @@ impl Iterator for JsonlInput {
     }
 }
 
+fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// Remembers the fact ids of an input and the line of each, to refuse a second fact
+/// with an id already seen (its records would be ambiguous: `kn merge` and `kn report`
+/// refuse them, and `--resume` would count one as the other).
+#[derive(Debug, Default)]
+pub struct SeenIds {
+    lines: std::collections::HashMap<String, usize>,
+}
+
+impl SeenIds {
+    /// Records `id` at `line`; `Err` with the reason when it was seen before.
+    pub fn check(
+        &mut self,
+        id: &serde_json::Value,
+        line: usize,
+    ) -> std::result::Result<(), String> {
+        let key = id.to_string();
+        match self.lines.get(&key) {
+            Some(&first) => Err(format!(
+                "fact id {key} appears twice, on line {first} and on line {line}; ids must \
+                 be unique (this line is skipped)"
+            )),
+            None => {
+                self.lines.insert(key, line);
+                Ok(())
+            }
+        }
+    }
+}
+
 /// Writes one JSON record per line and flushes each, so that a killed run loses at
 /// most the record in flight and a downstream pipe sees records as they are made.
 pub struct JsonlWriter<W: Write> {
     out: W,
     path: PathBuf,
     written: usize,
+    hint: &'static str,
 }
 
 impl<W: Write> JsonlWriter<W> {
@@ -154,7 +249,15 @@ impl<W: Write> JsonlWriter<W> {
             out,
             path: path.into(),
             written: 0,
+            hint: "",
         }
+    }
+
+    /// For `kn attribute`'s output: a write error says how `--resume` continues it.
+    pub fn resumable(mut self) -> Self {
+        self.hint = ", and a partly written last line is not counted as done \
+                     (`kn attribute --resume` drops it and redoes that fact)";
+        self
     }
 
     /// Writes `record` as one line and flushes.
@@ -174,9 +277,56 @@ impl<W: Write> JsonlWriter<W> {
             .map_err(|e| Error::Write {
                 path: self.path.clone(),
                 record: self.written + 1,
+                hint: self.hint,
                 source: e,
             })?;
         self.written += 1;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overlong_line_is_reported_and_the_next_lines_still_read() {
+        let text = format!("{{\"a\":1}}\n{}\n{{\"b\":2}}\n", "x".repeat(100));
+        let input = JsonlInput::from_reader(
+            Path::new("f.jsonl"),
+            Box::new(std::io::BufReader::with_capacity(
+                8,
+                std::io::Cursor::new(text),
+            )),
+        )
+        .with_line_limit(50);
+        let items: Vec<_> = input.collect();
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[0].as_ref().unwrap().0, 1);
+        let err = items[1].as_ref().unwrap_err().to_string();
+        assert!(
+            err.starts_with("f.jsonl:2: the line is longer than 50 bytes"),
+            "{err}"
+        );
+        assert_eq!(items[2].as_ref().unwrap().0, 3);
+    }
+
+    #[test]
+    fn a_line_of_exactly_the_limit_is_read() {
+        let text = format!("{}\n", "x".repeat(50));
+        let input =
+            JsonlInput::from_reader(Path::new("f.jsonl"), Box::new(std::io::Cursor::new(text)))
+                .with_line_limit(50);
+        let items: Vec<_> = input.collect();
+        assert!(items[0].is_ok());
+    }
+
+    #[test]
+    fn a_repeated_id_names_both_lines() {
+        let mut seen = SeenIds::default();
+        seen.check(&serde_json::json!("a"), 1).unwrap();
+        seen.check(&serde_json::json!(1), 2).unwrap();
+        let err = seen.check(&serde_json::json!("a"), 5).unwrap_err();
+        assert!(err.contains("line 1 and on line 5"), "{err}");
     }
 }

@@ -7,9 +7,10 @@
 //! byte-identical and reverting restores the exact file. A GGUF source becomes a Hugging
 //! Face directory: `config.json` and `tokenizer.json` from its metadata and a
 //! `model.safetensors` of its dequantized (f32) tensors under Hugging Face names, then
-//! edited the same way. The directory is built under a
-//! hidden staging name beside `--out` and renamed into place when complete: a crash
-//! leaves no `--out`, only a staging directory that the next `kn edit` removes.
+//! edited the same way. The directory is built under a hidden staging name beside
+//! `--out` and swapped in whole when complete ([`StagedDir`]): a kill at any point
+//! leaves the old or the new directory at `--out`, and at most a staging directory that
+//! the next `kn edit` on that `--out` removes.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -22,6 +23,7 @@ use serde::Deserialize;
 
 use super::record::{EditsFile, SlotRecord};
 use super::SlotEdit;
+use crate::data::output::StagedDir;
 use crate::error::{Error, Result};
 use crate::model::language_model::{normalize_name, value_slot_tensor};
 use crate::model::load::{read_tensors, sha256_file, write_tensors};
@@ -253,108 +255,16 @@ fn is_weights_file(name: &str) -> bool {
         || name.ends_with(".pt")
 }
 
-/// A directory being built beside its final place; removed if dropped before
-/// [`Staging::commit`].
-struct Staging {
-    path: PathBuf,
-    out: PathBuf,
-    committed: bool,
-}
-
-impl Staging {
-    /// Refuses an existing `out` unless `force`, removes stale staging directories of
-    /// `out` left by crashed runs, and creates a fresh one.
-    fn begin(out: &Path, force: bool) -> Result<Self> {
-        if out.exists() && !force {
-            return Err(Error::model(
-                out,
-                "already exists; pass --force to replace it",
-            ));
-        }
-        let (parent, name) = split(out)?;
-        remove_stale(&parent, &name);
-        let path = parent.join(format!(".{name}.kn-partial-{}", std::process::id()));
-        if path.exists() {
-            std::fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-        }
-        std::fs::create_dir_all(&path).map_err(|e| Error::io(&path, e))?;
-        Ok(Self {
-            path,
-            out: out.to_path_buf(),
-            committed: false,
-        })
+/// Refuses an existing `out` unless `force`, then stages the new directory beside it
+/// ([`StagedDir`]: swapped in whole, atomically, on commit).
+fn begin(out: &Path, force: bool) -> Result<StagedDir> {
+    if out.exists() && !force {
+        return Err(Error::model(
+            out,
+            "already exists; pass --force to replace it",
+        ));
     }
-
-    /// Makes the staged directory `out`, in one rename (an old `out` is moved aside
-    /// first and removed after).
-    fn commit(mut self) -> Result<()> {
-        sync_dir(&self.path)?;
-        let (parent, name) = split(&self.out)?;
-        let aside = parent.join(format!(".{name}.kn-old-{}", std::process::id()));
-        let replaced = self.out.exists();
-        if replaced {
-            std::fs::rename(&self.out, &aside).map_err(|e| Error::io(&self.out, e))?;
-        }
-        if let Err(e) = std::fs::rename(&self.path, &self.out) {
-            if replaced {
-                // Put the old directory back rather than leave nothing.
-                let _ = std::fs::rename(&aside, &self.out);
-            }
-            return Err(Error::io(&self.out, e));
-        }
-        self.committed = true;
-        sync_dir(&parent)?;
-        if replaced {
-            std::fs::remove_dir_all(&aside).map_err(|e| Error::io(&aside, e))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-fn split(out: &Path) -> Result<(PathBuf, String)> {
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::model(out, "is not a usable directory name"))?
-        .to_string();
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    Ok((parent, name))
-}
-
-/// Removes `.NAME.kn-partial-PID` directories whose process is gone (Linux: no
-/// `/proc/PID`); elsewhere leaves them, since a live run may own them.
-fn remove_stale(parent: &Path, name: &str) {
-    let prefix = format!(".{name}.kn-partial-");
-    let Ok(entries) = std::fs::read_dir(parent) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let file_name = entry.file_name();
-        let Some(pid) = file_name.to_str().and_then(|n| n.strip_prefix(&prefix)) else {
-            continue;
-        };
-        let alive = Path::new("/proc").is_dir() && Path::new("/proc").join(pid).exists();
-        if Path::new("/proc").is_dir() && !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| Error::io(dir, e))
+    StagedDir::create(out)
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -365,7 +275,8 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn copy_synced(from: &Path, to: &Path) -> Result<()> {
-    std::fs::copy(from, to).map_err(|e| Error::io(from, e))?;
+    // Named by the destination: a full disk is the copy's, not the source's, problem.
+    std::fs::copy(from, to).map_err(|e| Error::io(to, e))?;
     File::open(to)
         .and_then(|f| f.sync_all())
         .map_err(|e| Error::io(to, e))
@@ -409,21 +320,21 @@ pub fn write_edited_model(
     force: bool,
 ) -> Result<EditsFile> {
     let source = &lm.files;
-    let staging = Staging::begin(out, force)?;
+    let staging = begin(out, force)?;
     if let Some(source_dir) = source.directory() {
-        copy_files(&source_dir, &staging.path, |name| {
+        copy_files(&source_dir, staging.path(), |name| {
             is_weights_file(name) || name == EDITS_FILE
         })?;
     }
-    let weights = staging.path.join(WEIGHTS_FILE);
+    let weights = staging.path().join(WEIGHTS_FILE);
     match &source.weights {
         WeightsFile::Safetensors(path) => copy_synced(path, &weights)?,
         WeightsFile::Gguf(path) => {
             let tensors: std::collections::HashMap<String, candle_core::Tensor> =
                 read_tensors(&source.weights)?.into_iter().collect();
             write_tensors(&tensors, &weights)?;
-            write_json(&staging.path.join("config.json"), &lm.config.to_json())?;
-            let tokenizer = staging.path.join("tokenizer.json");
+            write_json(&staging.path().join("config.json"), &lm.config.to_json())?;
+            let tokenizer = staging.path().join("tokenizer.json");
             lm.tokenizer
                 .inner()
                 .save(&tokenizer, true)
@@ -466,7 +377,7 @@ pub fn write_edited_model(
         }
         _ => None,
     };
-    write_json(&staging.path.join(EDITS_FILE), &edits)?;
+    write_json(&staging.path().join(EDITS_FILE), &edits)?;
     staging.commit()?;
     Ok(edits)
 }
@@ -513,9 +424,9 @@ pub fn revert(dir: &Path, out: &Path, force: bool) -> Result<EditsFile> {
             ),
         ));
     }
-    let staging = Staging::begin(out, force)?;
-    copy_files(dir, &staging.path, |name| name == EDITS_FILE)?;
-    let weights = staging.path.join(&edits.weights_file);
+    let staging = begin(out, force)?;
+    copy_files(dir, staging.path(), |name| name == EDITS_FILE)?;
+    let weights = staging.path().join(&edits.weights_file);
     let columns: Vec<(Neuron, &[f32])> = edits
         .slots
         .iter()
@@ -541,7 +452,7 @@ pub fn revert(dir: &Path, out: &Path, force: bool) -> Result<EditsFile> {
         ));
     }
     if let Some(previous) = &edits.previous_edits {
-        write_synced(&staging.path.join(EDITS_FILE), previous.as_bytes())?;
+        write_synced(&staging.path().join(EDITS_FILE), previous.as_bytes())?;
     }
     staging.commit()?;
     Ok(edits)

@@ -692,6 +692,18 @@ impl Meta<'_> {
         self.f64_opt(key)?.ok_or_else(|| self.missing(key))
     }
 
+    /// A norm's epsilon: finite and not negative (NaN or infinity would make every
+    /// activation NaN without an error).
+    fn eps_req(&self, key: &str) -> Result<f64> {
+        let eps = self.f64_req(key)?;
+        if !(eps.is_finite() && eps >= 0.0) {
+            return Err(self.err(format!(
+                "{key} is {eps}: a norm's epsilon must be a finite number ≥ 0"
+            )));
+        }
+        Ok(eps)
+    }
+
     fn bool_opt(&self, key: &str) -> Result<Option<bool>> {
         match self.map.get(key) {
             None => Ok(None),
@@ -775,7 +787,7 @@ impl Hparams {
         positive(n_layer, "block_count")?;
         positive(n_head, "attention.head_count")?;
         if arch == Arch::Gpt2 {
-            let eps = meta.f64_req(&key("attention.layer_norm_epsilon"))?;
+            let eps = meta.eps_req(&key("attention.layer_norm_epsilon"))?;
             if hidden % n_head != 0 {
                 return Err(meta.err(format!(
                     "{} {hidden} is not a multiple of {} {n_head}",
@@ -856,7 +868,7 @@ impl Hparams {
                 )));
             }
         }
-        let eps = meta.f64_req(&key("attention.layer_norm_rms_epsilon"))?;
+        let eps = meta.eps_req(&key("attention.layer_norm_rms_epsilon"))?;
         let rope_theta = meta.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
         Ok(Self {
             hidden,
@@ -2220,6 +2232,8 @@ mod tests {
         let cases: Vec<(&str, Edit, &str)> = vec![
             ("no-layers", Box::new(|s| s.remove("llama.block_count")), "llama.block_count is missing"),
             ("no-eps", Box::new(|s| s.remove("llama.attention.layer_norm_rms_epsilon")), "llama.attention.layer_norm_rms_epsilon is missing"),
+            ("nan-eps", Box::new(|s| s.set("llama.attention.layer_norm_rms_epsilon", Value::F32(f32::NAN))), "llama.attention.layer_norm_rms_epsilon is NaN"),
+            ("inf-eps", Box::new(|s| s.set("llama.attention.layer_norm_rms_epsilon", Value::F32(f32::INFINITY))), "llama.attention.layer_norm_rms_epsilon is inf"),
             ("no-tokens", Box::new(|s| s.remove("tokenizer.ggml.tokens")), "tokenizer.ggml.tokens is missing"),
             ("no-arch", Box::new(|s| s.remove("general.architecture")), "general.architecture is missing"),
             ("falcon", Box::new(|s| s.set("general.architecture", Value::String("falcon".into()))), "GGUF architecture \"falcon\" is not supported (llama, qwen2, gpt2)"),

@@ -47,9 +47,16 @@ impl HubRepo {
     fn open(repo: &str, revision: &str) -> Result<Self> {
         let hf_repo = Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string());
         let offline = env_truthy("HF_HUB_OFFLINE");
+        let cache = Cache::from_env();
+        let repo_dir = cache.path().join(hf_repo.folder_name());
         let fetch: Box<FetchFile> = if offline {
-            let cached = Cache::from_env().repo(hf_repo);
-            Box::new(move |file| Ok(cached.get(file)))
+            let cached = cache.repo(hf_repo);
+            Box::new(move |file| {
+                cached
+                    .get(file)
+                    .map(|path| inside_cache(&repo_dir, path))
+                    .transpose()
+            })
         } else {
             let mut builder = ApiBuilder::from_env().with_progress(std::io::stderr().is_terminal());
             if let Ok(token) = std::env::var("HF_TOKEN") {
@@ -60,8 +67,20 @@ impl HubRepo {
                 revision: revision.to_string(),
                 reason: format!("cannot set up the hub client: {e}"),
             })?;
+            let cached = cache.repo(hf_repo.clone());
             let remote: ApiRepo = api.repo(hf_repo);
-            Box::new(move |file| download(&remote, file))
+            let token = std::env::var("HF_TOKEN").ok();
+            Box::new(move |file| {
+                // hf-hub builds cache paths from the hub's answer (ETag, X-Repo-Commit)
+                // unchecked: those are checked first, and only a file not yet in the
+                // cache is asked for.
+                if cached.get(file).is_none() {
+                    preflight(&remote.url(file), token.as_deref())?;
+                }
+                download(&remote, file)?
+                    .map(|path| inside_cache(&repo_dir, path))
+                    .transpose()
+            })
         };
         Ok(Self {
             repo: repo.to_string(),
@@ -151,9 +170,103 @@ fn parent(path: &Path) -> PathBuf {
     path.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
-/// `Ok(None)` when the repository has no such file (404), an error for anything else.
+/// Whether a revision is one kn builds a cache path from: a commit hash, or a branch or
+/// tag name with no way out of its folder (no `..`, no leading or trailing `/`, no `\\`,
+/// no control characters, no empty parts).
+pub fn check_revision(revision: &str) -> std::result::Result<(), String> {
+    let bad = |why: &str| Err(format!("--revision {revision:?} {why}"));
+    if revision.is_empty() || revision.len() > 255 {
+        return bad("must be 1 to 255 characters long");
+    }
+    if revision.chars().any(|c| c.is_control() || c == '\\') {
+        return bad("holds a control character or a backslash");
+    }
+    if revision.contains("..")
+        || revision
+            .split('/')
+            .any(|part| part.is_empty() || part == ".")
+    {
+        return bad(
+            "is not a branch, tag or commit name (it holds `..`, `.` or an empty part, or \
+             starts or ends with `/`)",
+        );
+    }
+    Ok(())
+}
+
+/// Whether an ETag or commit from the hub can name a file in the cache: one path part,
+/// of the characters hashes are made of.
+fn safe_name(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 128
+        && !value.starts_with('.')
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Asks the hub for a file's ETag and commit as hf-hub will (one byte of it, no
+/// redirect) and refuses values that would put a path outside the cache. Anything else
+/// (a 404, no network) is left to hf-hub's own request to report.
+fn preflight(url: &str, token: Option<&str>) -> std::result::Result<(), String> {
+    let agent = ureq::AgentBuilder::new()
+        .redirects(0)
+        .timeout(std::time::Duration::from_secs(60))
+        .build();
+    let mut request = agent.get(url).set("Range", "bytes=0-0");
+    if let Some(token) = token {
+        request = request.set("Authorization", &format!("Bearer {token}"));
+    }
+    let Ok(response) = request.call() else {
+        return Ok(());
+    };
+    let etag = response
+        .header("x-linked-etag")
+        .or_else(|| response.header("etag"))
+        .map(|e| e.replace('"', ""));
+    let commit = response.header("x-repo-commit").map(str::to_string);
+    for (header, value) in [("ETag", etag), ("X-Repo-Commit", commit)] {
+        if let Some(value) = value.filter(|v| !safe_name(v.trim())) {
+            return Err(format!(
+                "the hub answered an {header} of {value:?}, which is not a hash; refused \
+                 (kn builds cache paths from it)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// `path` (from hf-hub) if it lies inside the repository's cache folder, symlinks
+/// followed; an error otherwise.
+fn inside_cache(repo_dir: &Path, path: PathBuf) -> std::result::Result<PathBuf, String> {
+    let escapes = || {
+        format!(
+            "the cached file {} lies outside the cache folder {}; refused",
+            path.display(),
+            repo_dir.display()
+        )
+    };
+    let has_parent_part = path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir));
+    let root = repo_dir.canonicalize().map_err(|_| escapes())?;
+    let real = path.canonicalize().map_err(|_| escapes())?;
+    let snapshot = path
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .ok_or_else(escapes)?;
+    if has_parent_part || !real.starts_with(&root) || !snapshot.starts_with(&root) {
+        return Err(escapes());
+    }
+    Ok(path)
+}
+
+/// `Ok(None)` when the repository has no such file (404), an error for anything else
+/// (a panic in hf-hub included, which a hostile hub's answer can cause).
 fn download(repo: &ApiRepo, file: &str) -> std::result::Result<Option<PathBuf>, String> {
-    match repo.get(file) {
+    let got = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| repo.get(file)))
+        .map_err(|_| "the hub client failed on the hub's answer".to_string())?;
+    match got {
         Ok(path) => Ok(Some(path)),
         Err(ApiError::RequestError(e)) if matches!(*e, ureq::Error::Status(404, _)) => Ok(None),
         Err(ApiError::RequestError(e)) => Err(match *e {

@@ -78,6 +78,12 @@ impl LanguageModel {
             .into_iter()
             .filter_map(|(name, t)| Some((normalize_name(arch, &name)?, t)))
             .collect();
+        if tensors.is_empty() {
+            return Err(Error::model(
+                path,
+                "holds no tensor kn knows (an empty checkpoint, or not a language model)",
+            ));
+        }
         if arch == Architecture::Bert && !tensors.keys().any(|k| k.starts_with("cls.predictions."))
         {
             return Err(Error::model(

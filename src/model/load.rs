@@ -51,6 +51,13 @@ impl ModelSource {
             ));
         }
         if is_hub_id(spec) {
+            if let Some(rev) = revision {
+                super::hub::check_revision(rev).map_err(|reason| Error::Hub {
+                    repo: spec.to_string(),
+                    revision: rev.escape_debug().to_string(),
+                    reason,
+                })?;
+            }
             return Ok(Self::Hub {
                 repo: spec.to_string(),
                 revision: revision.unwrap_or("main").to_string(),
@@ -146,6 +153,16 @@ impl TokenizerFiles {
         }
     }
 
+    /// The files the tokenizer is read from.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        match self {
+            Self::Json(p) | Self::Gguf(p) => vec![p.clone()],
+            Self::Vocab { vocab, config } => std::iter::once(vocab.clone())
+                .chain(config.clone())
+                .collect(),
+        }
+    }
+
     /// Finds only the tokenizer of `source`: a hub model's weights are not downloaded
     /// (for commands that need a vocabulary, not a network).
     pub fn locate(source: &ModelSource) -> Result<Self> {
@@ -234,6 +251,41 @@ impl ModelFiles {
             tokenizer,
             weights,
         })
+    }
+
+    /// Every file (and the directory) the model is read from: what no output may overwrite.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut paths = vec![self.config.clone(), self.weights.path().to_path_buf()];
+        paths.extend(self.tokenizer.paths());
+        paths.extend(self.directory());
+        paths
+    }
+
+    /// sha256 of `config.json`, hex; a GGUF file's configuration is in its metadata, so
+    /// the file's own hash.
+    pub fn config_sha256(&self) -> Result<String> {
+        match self.weights {
+            WeightsFile::Gguf(_) => self.weights_sha256(),
+            _ => sha256_file(&self.config),
+        }
+    }
+
+    /// sha256 of the tokenizer, hex: of `tokenizer.json`, or of the hashes of
+    /// `vocab.txt` and `tokenizer_config.json` (when there is one) together; a GGUF
+    /// file's own hash.
+    pub fn tokenizer_sha256(&self) -> Result<String> {
+        match &self.tokenizer {
+            TokenizerFiles::Json(p) => sha256_file(p),
+            TokenizerFiles::Gguf(_) => self.weights_sha256(),
+            TokenizerFiles::Vocab { vocab, config } => {
+                let mut text = sha256_file(vocab)?;
+                if let Some(config) = config {
+                    text.push('\n');
+                    text.push_str(&sha256_file(config)?);
+                }
+                Ok(sha256_bytes(text.as_bytes()))
+            }
+        }
     }
 
     /// sha256 of the weights file, hex. Hashing bert-base takes seconds, so the result
@@ -401,6 +453,8 @@ impl LoadedModel {
                 ),
             ));
         }
+        let mut tokenizer = tokenizer;
+        tokenizer.limit_prompt_length(config.max_position_embeddings);
         let model =
             LanguageModel::from_tensors(tensors, &config, dtype, device, files.weights.path())?;
         Ok(Self {

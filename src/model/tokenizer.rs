@@ -39,7 +39,13 @@ pub struct MaskTokenizer {
     /// The mask token of a masked LM; `None` for a causal LM.
     mask: Option<(String, u32)>,
     unk_id: Option<u32>,
+    /// Longer prompts (in bytes) are refused before they are tokenized.
+    max_prompt_bytes: usize,
 }
+
+/// The bytes of prompt text allowed per model position: see
+/// [`MaskTokenizer::limit_prompt_length`].
+pub const MAX_BYTES_PER_POSITION: usize = 64;
 
 /// Text after `[MASK]` that a causal prompt may end with and that is dropped: white
 /// space and sentence punctuation.
@@ -60,6 +66,7 @@ impl MaskTokenizer {
             inner,
             mask: None,
             unk_id: None,
+            max_prompt_bytes: usize::MAX,
         })
     }
 
@@ -168,6 +175,7 @@ impl MaskTokenizer {
             inner,
             mask: Some((mask_token, mask_id)),
             unk_id,
+            max_prompt_bytes: usize::MAX,
         })
     }
 
@@ -201,8 +209,33 @@ impl MaskTokenizer {
             .unwrap_or_else(|| format!("<id {id}>"))
     }
 
+    /// Refuses, before tokenizing, prompts longer than `positions` (the model's
+    /// `max_position_embeddings`) × [`MAX_BYTES_PER_POSITION`] bytes.
+    ///
+    /// Tokenizing costs memory in proportion to the text (about 80 bytes per input byte),
+    /// so a huge prompt must be refused before it, from its length alone. A prompt
+    /// that long would need more positions than the model has unless its tokens covered
+    /// more than 64 bytes each on average. Word pieces are a few bytes long; the few
+    /// vocabulary entries near 64 bytes are runs of one character (dashes, spaces), and a
+    /// WordPiece tokenizer maps an overlong word whole to `[UNK]`: only text made mostly of
+    /// such runs or non-words could fit, and no cloze prompt is written so. Prompts under
+    /// the bound but over the positions are still refused after tokenizing.
+    pub fn limit_prompt_length(&mut self, positions: usize) {
+        self.max_prompt_bytes = positions.saturating_mul(MAX_BYTES_PER_POSITION);
+    }
+
     /// Tokenizes a prompt that holds exactly one `[MASK]` (for a causal LM, at its end).
     pub fn encode_prompt(&self, prompt: &str) -> Result<EncodedPrompt> {
+        if prompt.len() > self.max_prompt_bytes {
+            return Err(Error::Prompt(format!(
+                "prompt is {} bytes long, more than the model's {} positions can hold ({} \
+                 bytes at most, {MAX_BYTES_PER_POSITION} per position); refused before \
+                 tokenizing",
+                prompt.len(),
+                self.max_prompt_bytes / MAX_BYTES_PER_POSITION,
+                self.max_prompt_bytes
+            )));
+        }
         let occurrences = prompt.matches(MASK_PLACEHOLDER).count();
         if occurrences == 0 {
             return Err(Error::Prompt(format!(

@@ -64,8 +64,9 @@ pub struct Located<T> {
 }
 
 /// Holds the model of the first input read and refuses any later input made with
-/// another. Models are the same when their weights are (`weights_sha256`): the same
-/// directory may be spelled differently by two commands.
+/// another. Models are the same when their weights, configuration and tokenizer are
+/// ([`ModelInfo::difference`]): the same directory may be spelled differently by two
+/// commands.
 #[derive(Debug, Default)]
 pub struct SameModel {
     first: Option<(Origin, ModelInfo)>,
@@ -78,27 +79,19 @@ impl SameModel {
             self.first = Some((here.clone(), model.clone()));
             return Ok(());
         };
-        if first.weights_sha256 == model.weights_sha256 {
-            return Ok(());
+        match model.difference(first) {
+            None => Ok(()),
+            Some(difference) => Err(here.error(format!(
+                "made with another model than {there}: {difference}; a report puts together \
+                 outputs of one model only"
+            ))),
         }
-        Err(here.error(format!(
-            "made with another model than {there}: weights_sha256 {} ({}) here, {} ({}) there; \
-             a report puts together outputs of one model only",
-            short(&model.weights_sha256),
-            model.source,
-            short(&first.weights_sha256),
-            first.source
-        )))
     }
 
     /// The model of the first input, once one was read.
     pub fn model(&self) -> Option<&ModelInfo> {
         self.first.as_ref().map(|(_, m)| m)
     }
-}
-
-fn short(sha: &str) -> &str {
-    sha.get(..12).unwrap_or(sha)
 }
 
 /// Holds the first parameters seen and refuses different ones, naming the fields.
