@@ -2,7 +2,7 @@
 //! resume after a kill, shards, re-selection, completeness of the quadrature rules,
 //! and bad input.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

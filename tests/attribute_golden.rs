@@ -2,7 +2,7 @@
 //! float64 PyTorch + transformers on real AntiBERTy facts (golden file made by
 //! scripts/golden/antiberty_attribute.py).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;

@@ -1,7 +1,7 @@
 //! The `kn` binary end to end: output records, and bad input reported with file and
 //! line while the other lines go on.
 
-mod common;
+use crate::common;
 
 use kn::model::random::Layout;
 use predicates::str::contains;

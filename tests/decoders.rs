@@ -5,7 +5,7 @@
 //! Qwen2, tied and untied, and a GGUF copy) and scripts/golden/smollm2_predict.py (the
 //! real SmolLM2-135M GGUF file).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -4,7 +4,7 @@
 //! rule, reload as edited and revert exactly; causal prompt rules and bad input are
 //! clear errors.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

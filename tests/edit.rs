@@ -3,7 +3,7 @@
 //! written models reload as edited, revert is byte-identical, a crash leaves no
 //! partial directory, and bad input is refused with nothing written.
 
-mod common;
+use crate::common;
 
 use std::cell::RefCell;
 use std::path::{Path, PathBuf};

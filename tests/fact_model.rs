@@ -5,8 +5,6 @@
 //! weights carry `BertForMaskedLM`'s names; `kn attribute` finds refined neurons on it.
 //! How long that takes is a benchmark figure (docs/speed/README.md), not asserted here.
 
-use crate::common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::PathBuf;

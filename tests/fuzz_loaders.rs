@@ -2,7 +2,7 @@
 //! safetensors files (headers especially) of every architecture are errors, never
 //! panics. (GGUF files get the same treatment in `model::gguf`'s unit tests.)
 
-mod common;
+use crate::common;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};

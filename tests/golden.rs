@@ -1,7 +1,7 @@
 //! `kn` against an independent implementation: PyTorch + transformers on the real
 //! AntiBERTy checkpoint (golden file made by scripts/golden/antiberty_predict.py).
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

@@ -2,7 +2,7 @@
 //! directory the way huggingface.co does (`/{repo}/resolve/{revision}/{file}` with
 //! ETag, X-Repo-Commit and Range support). The hub itself is never contacted.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};

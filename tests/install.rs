@@ -2,7 +2,7 @@
 //! the ParaRel built into it (the same bytes as from `data/pararel`), and generates its
 //! shell completions and man pages from the clap definitions.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! Loading every checkpoint and tokenizer variant, and refusing broken ones.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

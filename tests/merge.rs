@@ -4,7 +4,7 @@
 //! what differs. And the bad outputs of `kn attribute` around sharding: a shard spec out
 //! of range, a full disk (/dev/full), an output folder that cannot be written.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -2,7 +2,7 @@
 //! checked against the files read independently here, determinism, facts dropped for a
 //! vocabulary, duplicates, and bad input reported with file and line.
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};

@@ -4,7 +4,7 @@
 //! tests/data/antiberty_facts.jsonl (committed as tests/data/antiberty_neurons.jsonl;
 //! see tests/data/README.md for the command).
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 

@@ -2,7 +2,7 @@
 //! of the findings, run on the real binary as a hostile user would (see
 //! docs/reliability.md for the promises they check).
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;

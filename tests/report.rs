@@ -20,7 +20,7 @@
 //! amplify.jsonl (factor 2): the same prompts, after = 1.5 × before for P1, 1.25 × for
 //! P2, control after = before.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -5,7 +5,7 @@
 //! equal to 1e-10 of the max plus the one f32 rounding scores are returned in (the f64
 //! gradients themselves agree to 1e-10: the `attribution::tensor` unit tests).
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
