@@ -246,6 +246,7 @@ fn refine_reselects_without_recomputing() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    assert!(!got.is_empty());
     assert_eq!(got, records(&direct));
 
     common::kn()
@@ -260,14 +261,36 @@ fn refine_reselects_without_recomputing() {
         .arg(&base)
         .assert()
         .success();
-    for line in String::from_utf8_lossy(&adaptive.get_output().stdout).lines() {
-        let r: FactRecord = serde_json::from_str(line).unwrap();
+    let adaptive: Vec<FactRecord> = String::from_utf8_lossy(&adaptive.get_output().stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let base_records = records(&base);
+    assert!(!base_records.is_empty());
+    assert_eq!(adaptive.len(), base_records.len(), "one record per fact");
+    // Per relation: one share, moved in steps of 0.05 until the mean refined set has 2
+    // to 5 neurons, or 6 steps were taken.
+    let mut by_relation: std::collections::BTreeMap<_, Vec<&FactRecord>> = Default::default();
+    for (r, b) in adaptive.iter().zip(&base_records) {
+        assert_eq!(r.id, b.id);
         assert_eq!(r.params.adaptive, Some(true));
-        let steps = (r.params.share - 0.7) / 0.05;
+        by_relation.entry(r.relation.clone()).or_default().push(r);
+    }
+    for (relation, facts) in by_relation {
+        let share = facts[0].params.share;
+        assert!(
+            facts.iter().all(|r| r.params.share == share),
+            "{relation:?}"
+        );
+        let steps = (share - 0.7) / 0.05;
         assert!(
             (steps - steps.round()).abs() < 1e-9 && steps.abs() <= 6.0 + 1e-9,
-            "{}",
-            r.params.share
+            "{relation:?}: {share}"
+        );
+        let mean = facts.iter().map(|r| r.refined.len()).sum::<usize>() as f64 / facts.len() as f64;
+        assert!(
+            steps.abs() > 6.0 - 1e-9 || (2.0..=5.0).contains(&mean),
+            "{relation:?}: share {share}, mean {mean} refined neurons"
         );
     }
 }
@@ -470,4 +493,84 @@ fn resume_needs_a_file() {
     attribute(&s, Path::new("-"), &["--resume"])
         .code(1)
         .stderr(contains("--resume needs --out FILE"));
+}
+
+/// P(answer) at `prompt`'s mask with layer `layer`'s activations there scaled by `alpha`,
+/// through the model's own forward (src/model, not the attribution engine) in f64.
+fn scaled_probability(
+    lm: &kn::model::LoadedModel,
+    prompt: &str,
+    answer: u32,
+    layer: usize,
+    alpha: f64,
+) -> f64 {
+    use kn::model::{Neuron, NeuronOp, NeuronPatch};
+    let encoded = lm.tokenizer.encode_prompt(prompt).unwrap();
+    let patch = NeuronPatch {
+        positions: vec![encoded.mask_position],
+        edits: (0..lm.config.intermediate_size)
+            .map(|index| (Neuron { layer, index }, NeuronOp::Scale(alpha)))
+            .collect(),
+    };
+    let ids = candle_core::Tensor::new(encoded.ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let logits: Vec<f64> = lm
+        .model
+        .logits_at(&ids, None, &[encoded.mask_position], &patch)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let top = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+    let total: f64 = logits.iter().map(|&x| (x - top).exp()).sum();
+    (logits[answer as usize] - top).exp() / total
+}
+
+/// The left rule is what the paper's released code computes: per layer, the scores sum
+/// to (1/m) Σ_{k<m} P′(k/m), where P(α) is the gold probability with the layer's
+/// activations at the mask scaled by α. P′ comes from central finite differences of
+/// P(α) through the model's forward in f64, independent of the attribution engine, whose
+/// default f32 scores (its own activation slopes, rotary and products) are checked.
+#[test]
+fn left_rule_scores_sum_the_slopes_of_p_at_k_over_m() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(dir.path(), Layout::default());
+    let files = || kn::model::ModelFiles::locate(&kn::model::ModelSource::Local(model.clone()));
+    let lm = kn::model::LoadedModel::load(files().unwrap(), DType::F32, &Device::Cpu).unwrap();
+    let exact = kn::model::LoadedModel::load(files().unwrap(), DType::F64, &Device::Cpu).unwrap();
+    let answer = lm.tokenizer.answer_id("paris").unwrap();
+    let h = 1e-4;
+    for steps in [1, 20] {
+        let mut options = AttributeOptions::paper(Method::IntegratedGradients);
+        options.ig.steps = steps;
+        assert_eq!(options.ig.rule, Rule::Left);
+        let attributor = Attributor::new(lm.clone(), options).unwrap();
+        for prompt in [
+            "the capital of france is [MASK] .",
+            "[MASK] is the capital of germany .",
+        ] {
+            let scores = attributor.scores(prompt, "paris").unwrap();
+            assert_eq!(scores.completeness.len(), lm.config.num_hidden_layers);
+            for c in &scores.completeness {
+                let p = |alpha: f64| scaled_probability(&exact, prompt, answer, c.layer, alpha);
+                let slope = |alpha: f64| (p(alpha + h) - p(alpha - h)) / (2.0 * h);
+                let want = (0..steps)
+                    .map(|k| slope(k as f64 / steps as f64))
+                    .sum::<f64>()
+                    / steps as f64;
+                // f32 scores summed over the layer: 1e-4 of the sum (measured at most 1.8e-5).
+                assert!(
+                    (c.sum - want).abs() <= 1e-4 * want.abs().max(1e-4),
+                    "m = {steps} {prompt:?} layer {}: Σ scores {} vs (1/m) Σ P′(k/m) {want}",
+                    c.layer,
+                    c.sum
+                );
+                // And the target is P(1) − P(0).
+                assert!((c.target - (p(1.0) - p(0.0))).abs() <= 1e-6, "target");
+            }
+        }
+    }
 }

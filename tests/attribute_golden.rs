@@ -74,9 +74,9 @@ fn set(pairs: impl IntoIterator<Item = (usize, usize)>) -> BTreeSet<(usize, usiz
     pairs.into_iter().collect()
 }
 
-/// Integrated gradients (left rule, m = 20, t = 0.2, p = 0.7, ≥ 3 prompts) on a real
-/// fact (5 prompts): every top-50 score to 1e-4 relative, whole layers, completeness sums, and
-/// identical coarse and refined sets.
+/// Integrated gradients (left rule, m = 20, t = 0.2, p = 0.7, ≥ 3 prompts) on every
+/// golden fact (4 facts of 5 prompts): every top-50 score to 1e-4 relative, whole layers
+/// (where the golden has them), completeness sums, and identical coarse and refined sets.
 #[test]
 fn integrated_gradients_match_pytorch_float64() {
     let golden = golden();
@@ -87,9 +87,12 @@ fn integrated_gradients_match_pytorch_float64() {
     options.keep = 0.0;
     let attributor = Attributor::new(lm, options).unwrap();
     let mut compared = 0;
-    for g in golden.facts.iter().filter(|f| f.id == "cys22") {
+    let mut whole_layers = 0;
+    assert_eq!(golden.facts.len(), 4);
+    for g in &golden.facts {
         let record = attributor.attribute(&fact(g)).unwrap();
         assert_eq!(record.answer_id, g.answer_id);
+        assert_eq!(record.prompts.len(), g.prompts.len(), "{}: prompts", g.id);
         for (ours, theirs) in record.prompts.iter().zip(&g.prompts) {
             assert_eq!(ours.mask_position, theirs.mask_position);
             assert!((ours.gold_probability - theirs.gold_probability).abs() < 1e-5);
@@ -119,6 +122,8 @@ fn integrated_gradients_match_pytorch_float64() {
                 let all = attributor.scores(&theirs.prompt, &g.answer).unwrap().scores;
                 for (layer, expected) in &theirs.scores {
                     let got = &all[layer.parse::<usize>().unwrap()];
+                    assert_eq!(got.len(), expected.len(), "{} layer {layer}", g.id);
+                    whole_layers += 1;
                     for (index, (&ours, &score)) in got.iter().zip(expected).enumerate() {
                         let ours = f64::from(ours);
                         assert!(
@@ -129,6 +134,12 @@ fn integrated_gradients_match_pytorch_float64() {
                     }
                 }
             }
+            assert_eq!(
+                ours.completeness.len(),
+                theirs.completeness.len(),
+                "{}",
+                g.id
+            );
             for (c, e) in ours.completeness.iter().zip(&theirs.completeness) {
                 assert!(
                     (c.target - e.target).abs() <= 1e-5,
@@ -160,7 +171,11 @@ fn integrated_gradients_match_pytorch_float64() {
         );
         assert!(!refined.is_empty());
     }
-    assert_eq!(compared, 5 * 50);
+    assert_eq!(compared, 4 * 5 * 50);
+    assert_eq!(
+        whole_layers, 2,
+        "the golden's whole layers (cys22, layers 3 and 7)"
+    );
 }
 
 /// The activation baseline (t = 0.5) on all four facts: identical coarse and refined sets.
@@ -171,6 +186,7 @@ fn activation_method_matches_pytorch() {
     let attributor = Attributor::new(lm, AttributeOptions::paper(Method::Activation)).unwrap();
     for g in &golden.facts {
         let record = attributor.attribute(&fact(g)).unwrap();
+        assert_eq!(record.prompts.len(), g.prompts.len(), "{}: prompts", g.id);
         for (ours, theirs) in record.prompts.iter().zip(&g.prompts) {
             let max = theirs.activation_max;
             assert!((f64::from(ours.max_score) - max).abs() <= 1e-5 * max.abs());
@@ -183,6 +199,7 @@ fn activation_method_matches_pytorch() {
             );
         }
         let refined = set(record.refined.iter().map(|r| (r.layer, r.index)));
+        assert!(!refined.is_empty(), "{}: activation refined set", g.id);
         assert_eq!(
             refined,
             set(g.activation_refined.iter().copied()),

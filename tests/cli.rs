@@ -62,6 +62,35 @@ fn bad_lines_are_reported_with_file_and_line_and_others_still_run() {
         rank > better.min(2),
         "rank {rank} vs {better} listed tokens above it"
     );
+    // The rank against the whole distribution: every token of the vocabulary listed.
+    let vocab = common::TINY_VOCAB.len();
+    let full = common::kn()
+        .args(["predict", "--top-k", &vocab.to_string(), "--model"])
+        .arg(&model)
+        .arg("--input")
+        .arg("-")
+        .write_stdin(format!("{}\n", lines[0]))
+        .assert()
+        .success();
+    let full = &common::json_lines(&full.get_output().stdout)[0];
+    let all = full["predictions"].as_array().unwrap();
+    assert_eq!(all.len(), vocab);
+    let listed = all
+        .iter()
+        .find(|t| t["id"] == 10)
+        .expect("the answer among all tokens")["probability"]
+        .as_f64()
+        .unwrap();
+    // Batched with the other lines, the answer's probability differs in rounding only.
+    let alone = full["answer_probability"].as_f64().unwrap();
+    assert_eq!(listed, alone);
+    assert!((alone - p).abs() <= 1e-6 * p, "{alone} alone, {p} batched");
+    let above = all
+        .iter()
+        .filter(|t| t["probability"].as_f64().unwrap() > alone)
+        .count();
+    assert_eq!(rank, above + 1, "rank against the whole vocabulary");
+    assert_eq!(full["answer_rank"], records[0]["answer_rank"]);
     for (record, index) in records[1..].iter().zip(0..) {
         assert_eq!(record["line"], 10);
         assert_eq!(record["id"], "two");

@@ -208,7 +208,11 @@ fn update_edits_exactly_the_value_slots_and_reverts() {
     }
 }
 
-/// predict, attribute and probe run on every decoder and record the architecture.
+/// predict, attribute and probe on every decoder, each held to another: the attribution
+/// engine's gold probability is the forward's that predict prints; its completeness
+/// targets `P(1) − P(0)` per layer are what probe measures with that whole layer
+/// suppressed; probe's `before` is predict's probability and its neurons the refined
+/// set attribute wrote.
 #[test]
 fn predict_attribute_and_probe_run_on_every_decoder() {
     let tmp = tempfile::tempdir().unwrap();
@@ -219,8 +223,11 @@ fn predict_attribute_and_probe_run_on_every_decoder() {
             .to_string()
             + "\n"),
     );
+    let close = |a: f64, b: f64, rel: f64| (a - b).abs() <= rel * b.abs().max(1e-6);
     for name in MODELS {
         let model = tiny_decoder(name);
+        let lm = load(&model);
+        let (layers, width) = (lm.config.num_hidden_layers, lm.config.intermediate_size);
         let output = kn()
             .args(["predict", "-q", "--top-k", "3", "--model"])
             .arg(&model)
@@ -237,15 +244,21 @@ fn predict_attribute_and_probe_run_on_every_decoder() {
         assert_eq!(lines.len(), 3, "{name}");
         // The answer is read after the last prompt token (with the BOS that the Llama
         // tokenizer adds, and GPT-2's and Qwen2's do not).
-        let (ids, _) = load(&model).tokenizer.encode_text("Paris is the").unwrap();
+        let (ids, _) = lm.tokenizer.encode_text("Paris is the").unwrap();
         let bos = u32::from(!name.starts_with("gpt2") && !name.starts_with("qwen2"));
         assert_eq!(ids[0] == 1, bos == 1, "{name}: BOS");
         assert_eq!(lines[0]["mask_position"], ids.len() - 1, "{name}");
         assert_eq!(lines[0]["answer_id"], 319, "{name}");
+        let predicted: Vec<f64> = lines
+            .iter()
+            .map(|l| l["answer_probability"].as_f64().unwrap())
+            .collect();
 
         let neurons = tmp.path().join(format!("{name}.jsonl"));
+        // Loose settings, so that every decoder has refined neurons to probe (10 to 19).
         let output = kn()
-            .args(["attribute", "-q", "--threshold", "0.05", "--model"])
+            .args(["attribute", "-q", "--threshold", "0.05", "--share", "0.5"])
+            .args(["--min-prompts", "2", "--model"])
             .arg(&model)
             .arg("--fact")
             .arg(&facts)
@@ -266,8 +279,35 @@ fn predict_attribute_and_probe_run_on_every_decoder() {
         };
         assert_eq!(record["model"]["architecture"], arch, "{name}");
         assert_eq!(record["prompts"][0]["dropped"], ".", "{name}");
-        let completeness = record["prompts"][0]["completeness_error"].as_f64().unwrap();
-        assert!(completeness.is_finite(), "{name}");
+        let prompts = record["prompts"].as_array().unwrap();
+        assert_eq!(prompts.len(), 3, "{name}");
+        // targets[prompt][layer] = P(1) − P(0) of the attribution's normal pass.
+        let mut targets = Vec::new();
+        for (p, &want) in prompts.iter().zip(&predicted) {
+            let gold = p["gold_probability"].as_f64().unwrap();
+            assert!(
+                close(gold, want, 1e-5),
+                "{name}: P(gold) {gold} vs predict's {want}"
+            );
+            let completeness = p["completeness"].as_array().unwrap();
+            assert_eq!(completeness.len(), layers, "{name}");
+            let get = |c: &serde_json::Value, k: &str| c[k].as_f64().unwrap();
+            let worst = completeness
+                .iter()
+                .map(|c| (get(c, "sum") - get(c, "target")).abs() / get(c, "target").abs())
+                .fold(0f64, f64::max);
+            let error = p["completeness_error"].as_f64().unwrap();
+            assert!(
+                close(error, worst, 1e-9),
+                "{name}: completeness error {error} vs {worst}"
+            );
+            targets.push(
+                completeness
+                    .iter()
+                    .map(|c| get(c, "target"))
+                    .collect::<Vec<_>>(),
+            );
+        }
 
         let output = kn()
             .args(["probe", "-q", "--suppress", "--model"])
@@ -281,7 +321,88 @@ fn predict_attribute_and_probe_run_on_every_decoder() {
             "{name}: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        assert_eq!(json_lines(&output.stdout).len(), 1, "{name}");
+        let probes = json_lines(&output.stdout);
+        assert_eq!(probes.len(), 1, "{name}");
+        let pairs = |v: &serde_json::Value| -> Vec<(u64, u64)> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|n| (n["layer"].as_u64().unwrap(), n["index"].as_u64().unwrap()))
+                .collect()
+        };
+        assert!(
+            !pairs(&record["refined"]).is_empty(),
+            "{name}: refined neurons"
+        );
+        assert_eq!(
+            pairs(&probes[0]["neurons"]),
+            pairs(&record["refined"]),
+            "{name}: probed neurons"
+        );
+        let probed = probes[0]["prompts"].as_array().unwrap();
+        assert_eq!(probed.len(), 3, "{name}");
+        for (p, &want) in probed.iter().zip(&predicted) {
+            let before = p["before"].as_f64().unwrap();
+            assert!(
+                close(before, want, 1e-6),
+                "{name}: before {before} vs {want}"
+            );
+            let after = p["after"].as_f64().unwrap();
+            assert!(
+                !close(after, before, 1e-3),
+                "{name}: suppressing changed nothing"
+            );
+        }
+
+        // One fact per layer whose "refined" set is the whole layer: suppressed, it is
+        // the attribution's baseline α = 0 at that layer.
+        let whole: String = (0..layers)
+            .map(|layer| {
+                let all: Vec<(usize, usize)> = (0..width).map(|i| (layer, i)).collect();
+                let mut v: serde_json::Value =
+                    serde_json::from_str(neurons_record(&all).trim()).unwrap();
+                v["id"] = json!(format!("layer{layer}"));
+                // Another relation each: the control is another layer's (no neuron of a
+                // whole layer is left for a random control).
+                v["relation"] = json!(format!("layer{layer}"));
+                v.to_string() + "\n"
+            })
+            .collect();
+        let whole = write(tmp.path(), &format!("{name}.layers.jsonl"), &whole);
+        let output = kn()
+            .args([
+                "probe",
+                "-q",
+                "--suppress",
+                "--control",
+                "other-relation",
+                "--model",
+            ])
+            .arg(&model)
+            .arg("--neurons")
+            .arg(&whole)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let probes = json_lines(&output.stdout);
+        assert_eq!(probes.len(), layers, "{name}");
+        for (layer, probe) in probes.iter().enumerate() {
+            let probed = probe["prompts"].as_array().unwrap();
+            assert_eq!(probed.len(), 3, "{name}");
+            for (prompt, p) in probed.iter().enumerate() {
+                let drop = p["before"].as_f64().unwrap() - p["after"].as_f64().unwrap();
+                let target = targets[prompt][layer];
+                assert!(
+                    (drop - target).abs() <= 1e-6 + 1e-4 * target.abs(),
+                    "{name} layer {layer} prompt {prompt}: probe P(1) − P(0) {drop} vs \
+                     the attribution's target {target}"
+                );
+            }
+        }
     }
 }
 

@@ -543,7 +543,7 @@ fn cli_update_writes_report_and_model() {
     let tmp = tempfile::tempdir().unwrap();
     let (model, neurons, update) = cli_setup(tmp.path());
     let out = tmp.path().join("edited");
-    let report = tmp.path().join("report.json");
+    let report_path = tmp.path().join("report.json");
     let eval = tmp.path().join("eval.jsonl");
     std::fs::write(
         &eval,
@@ -564,14 +564,14 @@ fn cli_update_writes_report_and_model() {
         .arg("--eval")
         .arg(&eval)
         .arg("--report")
-        .arg(&report)
+        .arg(&report_path)
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("1 fact(s) edited"), "{stderr}");
     let report: kn::edit::record::EditReport =
-        serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     assert_eq!(report.relations, ["P1"]);
     let edited = report.edited_facts.unwrap();
     assert_eq!((edited.facts, edited.prompts), (1, 3));
@@ -589,18 +589,34 @@ fn cli_update_writes_report_and_model() {
         "bert.encoder.layer.0.output.dense.weight"
     );
 
-    // --dry-run writes nothing but the report.
+    // --dry-run writes nothing but the report, even when given --out: the same
+    // edit, measured in memory, reports the same figures as the run that wrote it.
     let dry = tmp.path().join("dry");
-    kn().args(["edit", "--dry-run", "--model"])
+    let dry_report = tmp.path().join("dry-report.json");
+    let output = kn()
+        .args(["edit", "--dry-run", "--model"])
         .arg(&model)
         .arg("--neurons")
         .arg(&neurons)
         .arg("--update")
         .arg(&update)
-        .args(["--min-correct", "0"])
-        .assert()
-        .success();
-    assert!(!dry.exists());
+        .args(["--min-correct", "0", "--max-relation-share", "0.5", "--out"])
+        .arg(&dry)
+        .arg("--eval")
+        .arg(&eval)
+        .arg("--report")
+        .arg(&dry_report)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("kn: dry run: nothing written"), "{stderr}");
+    assert!(!dry.exists(), "--dry-run wrote the --out directory");
+    assert_eq!(
+        std::fs::read_to_string(&dry_report).unwrap(),
+        std::fs::read_to_string(&report_path).unwrap(),
+        "the dry run's report differs from the written edit's"
+    );
 
     // Revert through the CLI.
     let restored = tmp.path().join("restored");

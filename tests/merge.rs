@@ -324,3 +324,68 @@ fn an_output_folder_that_cannot_be_written_is_refused_before_the_model_loads() {
         "{stderr}"
     );
 }
+
+/// A hand-made `kn attribute` record of fact `id` with these parameters.
+fn record_with(id: usize, params: &serde_json::Value) -> String {
+    serde_json::json!({
+        "id": id, "relation": "P36", "answer": "paris", "answer_id": 10, "refined": [],
+        "prompts": [{"prompt": "[MASK] .", "mask_position": 1, "gold_probability": 0.5,
+                     "max_score": 1.0, "coarse": [], "kept": []}],
+        "model": {"source": "m", "weights_sha256": "00"},
+        "params": params,
+        "kn_version": "0"
+    })
+    .to_string()
+        + "\n"
+}
+
+/// Every parameter is compared: shards that differ in any one of them alone are
+/// refused, naming it; adaptive shards of different relations may differ in the share.
+#[test]
+fn every_parameter_is_compared() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = serde_json::json!({"method": "integrated-gradients", "steps": 20, "rule": "left",
+        "threshold": 0.2, "share": 0.7, "min_prompts": 3, "keep": 0.1});
+    let first = dir.path().join("first.jsonl");
+    std::fs::write(&first, record_with(1, &base)).unwrap();
+    let merged = dir.path().join("merged.jsonl");
+    let variants = [
+        ("method", serde_json::json!("activation")),
+        ("steps", serde_json::json!(21)),
+        ("rule", serde_json::json!("midpoint")),
+        ("tolerance", serde_json::json!(0.001)),
+        ("threshold", serde_json::json!(0.3)),
+        ("share", serde_json::json!(0.6)),
+        ("min_prompts", serde_json::json!(2)),
+        ("keep", serde_json::json!(0.05)),
+        ("adaptive", serde_json::json!(true)),
+        ("precision", serde_json::json!("f64")),
+    ];
+    for (key, value) in variants {
+        let mut params = base.clone();
+        params[key] = value.clone();
+        let other = dir.path().join(format!("{key}.jsonl"));
+        std::fs::write(&other, record_with(2, &params)).unwrap();
+        let out = merge(&[&first, &other], &merged).failure().code(1);
+        let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
+        assert!(
+            stderr.contains(&format!(
+                "{}:1: made with other parameters than {}:1: {key} {value} here",
+                other.display(),
+                first.display()
+            )),
+            "{key}: {stderr}"
+        );
+        assert!(!merged.exists(), "{key}: a refused merge writes nothing");
+    }
+    // Adaptive shares are chosen per relation: those may differ, nothing else.
+    let mut adaptive = base.clone();
+    adaptive["adaptive"] = serde_json::json!(true);
+    let a = dir.path().join("a.jsonl");
+    std::fs::write(&a, record_with(1, &adaptive)).unwrap();
+    adaptive["share"] = serde_json::json!(0.65);
+    let b = dir.path().join("b.jsonl");
+    std::fs::write(&b, record_with(2, &adaptive)).unwrap();
+    merge(&[&a, &b], &merged).success();
+    assert_eq!(lines_of(&merged), 2);
+}

@@ -569,7 +569,20 @@ fn object_last_keeps_the_patterns_a_causal_model_can_read() {
             .arg((last.len() + 1).to_string())
             .output()
             .unwrap();
+        // Too few patterns left is no fact, not a failure (a crash would also print nothing).
+        assert!(
+            output.status.success(),
+            "{relation}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
         assert!(output.stdout.is_empty(), "{relation}: dropped");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let reason = format!(
+            "{} pattern(s), fewer than --min-patterns {}",
+            last.len(),
+            last.len() + 1
+        );
+        assert!(stderr.contains(&reason), "{relation}: {stderr}");
     }
     // A decoder's vocabulary implies it: every prompt ends with [MASK] after filling.
     let output = pararel_cmd()

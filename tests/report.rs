@@ -361,12 +361,13 @@ fn the_summary_matches_its_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let output = report(&all_inputs(), &dir.path().join("r")).success();
     let stdout = String::from_utf8(output.get_output().stdout.clone()).unwrap();
-    if std::env::var_os("KN_UPDATE_SNAPSHOTS").is_some() {
+    let expected = std::fs::read_to_string(SNAPSHOT).unwrap_or_default();
+    if stdout != expected && std::env::var_os("KN_UPDATE_SNAPSHOTS").is_some() {
         std::fs::create_dir_all(Path::new(SNAPSHOT).parent().unwrap()).unwrap();
         std::fs::write(SNAPSHOT, &stdout).unwrap();
+        // An update never passes: the run that rewrote the file compared nothing.
+        panic!("{SNAPSHOT} rewritten: review `git diff` and rerun without KN_UPDATE_SNAPSHOTS");
     }
-    let expected = std::fs::read_to_string(SNAPSHOT)
-        .expect("snapshot missing: run with KN_UPDATE_SNAPSHOTS=1 once");
     assert_eq!(
         stdout, expected,
         "the summary changed; if on purpose, rerun with KN_UPDATE_SNAPSHOTS=1 and commit {SNAPSHOT}"

@@ -2322,10 +2322,37 @@ mod tests {
                 assert!(!e.contains("panicked"), "{what}: {e}");
             }
         };
-        // Every truncation of the header, and a sample of the data.
-        for len in (0..data_start + 8).chain((data_start + 8..good.len()).step_by(61)) {
-            check(&good[..len], &format!("truncated to {len}"));
+        // Every truncation of the header, and a sample of the data, is an error: a cut
+        // file that read would be a model with missing weights. Only the padding after
+        // the last tensor's data may go.
+        let data_end = {
+            let content = Content::read(&mut std::io::Cursor::new(&good)).expect("content");
+            let end = content
+                .tensor_infos
+                .values()
+                .map(|t| {
+                    let elems = t.shape.elem_count();
+                    t.offset as usize + elems / t.ggml_dtype.block_size() * t.ggml_dtype.type_size()
+                })
+                .max()
+                .expect("tensors");
+            data_start + end
+        };
+        assert!(good[data_end..].iter().all(|&b| b == 0), "padding only");
+        let mut cuts = 0;
+        for len in (0..data_start + 8)
+            .chain((data_start + 8..data_end).step_by(61))
+            .chain([data_end - 1])
+        {
+            std::fs::write(&path, &good[..len]).expect("write");
+            let e = read(&path)
+                .err()
+                .unwrap_or_else(|| panic!("truncated to {len} of {} bytes: read", good.len()))
+                .to_string();
+            assert!(!e.contains("panicked"), "truncated to {len}: {e}");
+            cuts += 1;
         }
+        assert!(cuts > data_start, "{cuts} cuts");
         let mut rng = SplitMix64::new(2024);
         for i in 0..400 {
             let mut bytes = good.clone();
@@ -2355,14 +2382,15 @@ mod tests {
     #[test]
     fn gguf_smollm2_real_file() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let path = root.join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf");
-        if !path.is_file() {
-            eprintln!(
-                "skipped: {} is not there (scripts/fetch-test-models)",
-                path.display()
-            );
-            return;
-        }
+        let dir = root.join("models/smollm2");
+        // Missing is a failure, as in tests/common: a skipped test proves nothing.
+        assert!(
+            dir.join(".complete").is_file(),
+            "{} is missing: run `bash scripts/fetch-test-models` (the test command \
+             `bash scripts/test` does)",
+            dir.display()
+        );
+        let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
         let ck = read(&path).expect("read SmolLM2");
         let c = &ck.config;
         assert_eq!(ck.architecture, "llama");
