@@ -12,8 +12,8 @@ use crate::attribution::run::fact_id;
 use crate::data::output::write_whole;
 use crate::data::{JsonlInput, LineErrors, NeuronsFile, SeenIds};
 use crate::edit::eval::{
-    build_report, read_eval_facts, split_holdout, update_each_held_out, EditedFact, EvalFact,
-    ReportInputs,
+    build_report, encode_held_out, read_eval_facts, split_holdout, update_each_held_out,
+    EditedFact, EvalFact, ReportInputs,
 };
 use crate::edit::record::{
     EditReport, EditedMetrics, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
@@ -451,7 +451,7 @@ fn read_updates<'a>(
                     .answer_id(&fact.answer)
                     .and_then(|_| lm.tokenizer.answer_id(&new_answer))
                     .and_then(|_| encode_prompts(lm, &fact.prompts))
-                    .and_then(|_| encode_prompts(lm, &held_out))
+                    .and_then(|_| encode_held_out(lm, &held_out))
                     .map_err(|e| input.error(line, e))?;
                 Ok((UpdateRequest { fact, new_answer }, held_out))
             });
@@ -479,7 +479,7 @@ fn edited_facts(
                 .context("an edited fact that was not asked for")?;
             Ok(EditedFact {
                 prompts: encode_prompts(lm, &requests[at].fact.prompts)?,
-                held_out: encode_prompts(lm, &held_out[at])?,
+                held_out: encode_held_out(lm, &held_out[at])?,
                 old_id: lm.tokenizer.answer_id(&edit.answer)?,
                 new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
             })

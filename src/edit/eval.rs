@@ -528,6 +528,15 @@ pub fn split_holdout(prompts: &mut Vec<String>, k: usize) -> Result<Vec<String>>
     Ok(prompts.split_off(prompts.len() - k))
 }
 
+/// Tokenizes held-out prompts; none is no paraphrase, not an error (a fact's own prompts
+/// must not be empty, so [`encode_prompts`] refuses an empty list).
+pub fn encode_held_out(lm: &LoadedModel, prompts: &[String]) -> Result<Vec<EncodedPrompt>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    encode_prompts(lm, prompts)
+}
+
 /// An update measured one fact at a time ([`update_each`]).
 #[derive(Debug, Clone)]
 pub struct EachOutcome {
@@ -611,7 +620,7 @@ pub fn update_each_held_out(
         };
         let edited = EditedFact {
             prompts: encode_prompts(lm, &request.fact.prompts)?,
-            held_out: encode_prompts(lm, held_out)?,
+            held_out: encode_held_out(lm, held_out)?,
             old_id: lm.tokenizer.answer_id(&edit.answer)?,
             new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
         };
