@@ -405,7 +405,7 @@ fn kn_report_reads_reports_with_and_without_the_editors_metrics() {
     std::fs::write(&new, value.to_string()).unwrap();
     let out = tmp.path().join("report");
     let output = kn()
-        .args(["report", "--quiet", "--neurons"])
+        .args(["report", "--neurons"])
         .arg(data.join("neurons.jsonl"))
         .arg("--edit-report")
         .arg(&old)
@@ -427,14 +427,20 @@ fn kn_report_reads_reports_with_and_without_the_editors_metrics() {
     assert_eq!(edits[1]["other_relation"]["kl"], json!(0.0123));
     assert_eq!(edits[1]["holdout"], json!(2));
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
-    // Old: the three new cells are empty; new: 50.0%, 4 held-out prompts, 25.0%.
+    // The paper's table keeps its shape; the editors' table has the new report only.
+    let row = "| 0.0% → 50.0% | 50.0% → 100.0% | 0.0% → 66.7% | 0.25 → 0.75 | 1 |";
+    assert_eq!(md.matches(row).count(), 2, "{md}");
     assert!(
         md.contains(
-            "| 0.0% → 50.0% | 50.0% → 100.0% | 0.0% → 66.7% | 0.25 → 0.75 | — | 0 | — | 1 |"
+            "| `new.json` | update (scaled) | 50.0% | 4 | 25.0% | — | — | 87.5% | 0.0123 |"
         ),
         "{md}"
     );
-    assert!(md.contains("| 0.0% → 50.0% | 50.0% → 100.0% | 0.0% → 66.7% | 0.25 → 0.75 | 50.0% | 4 | 25.0% | 1 |"), "{md}");
+    assert!(
+        !md.contains("| `update.json` | update (scaled) | —"),
+        "{md}"
+    );
+    // The locality table: the new report's cells, and dashes for the old one.
     assert!(
         md.contains(
             "| other relations | 2 | 50.0% → 50.0% | 4.00 → 4.20 (+0.20) | 87.5% | 0.0123 |"
@@ -444,5 +450,21 @@ fn kn_report_reads_reports_with_and_without_the_editors_metrics() {
     assert!(
         md.contains("| other relations | 2 | 50.0% → 50.0% | 4.00 → 4.20 (+0.20) | — | — |"),
         "{md}"
+    );
+    // The summary: the old report's line as before, the new one's with the metrics.
+    let summary = String::from_utf8_lossy(&output.stdout);
+    let line = |name: &str| {
+        summary
+            .lines()
+            .find(|l| l.starts_with(&format!("edit {name}:")))
+            .unwrap_or_else(|| panic!("no line for {name}:\n{summary}"))
+            .to_string()
+    };
+    assert!(!line("update.json").contains("reliability"), "{summary}");
+    assert!(
+        line("new.json").contains(
+            "; reliability 50.0%, generalization 25.0%; locality other relations 87.5% (KL 0.0123)"
+        ),
+        "{summary}"
     );
 }

@@ -553,8 +553,9 @@ pub struct EachOutcome {
 /// Updates each fact of `requests` alone, from the unedited model (the paper's
 /// protocol), and pools the metrics over the edits: success, success@5, change rate
 /// and MRR over the edited facts' prompts; with `eval`, the gold accuracy and
-/// perplexity of the evaluation facts of the edited fact's relation (itself left out)
-/// and of the others, over every (edit, evaluation prompt) pair.
+/// perplexity, locality and KL of the evaluation facts of the edited fact's relation
+/// (itself left out) and of the others, over every (edit, evaluation prompt) pair. Each
+/// fact's own metrics are kept in the report's `per_fact`.
 pub fn update_each(
     lm: &LoadedModel,
     neurons: &NeuronsFile,
@@ -569,8 +570,8 @@ pub fn update_each(
     update_each_held_out(lm, neurons, &requests, options, storage, eval, model)
 }
 
-/// [`update_each`] with each request's held-out prompts ([`split_holdout`]): they are
-/// scored for generalization, and each fact's own metrics are kept in `per_fact`.
+/// [`update_each`] with each request's held-out prompts ([`split_holdout`]), scored for
+/// generalization (none: no generalization for that fact).
 pub fn update_each_held_out(
     lm: &LoadedModel,
     neurons: &NeuronsFile,
