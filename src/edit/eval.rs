@@ -177,29 +177,37 @@ pub type GoldGroups = (
 );
 
 /// The evaluation facts' gold-answer counts in the unedited model, computed once and
-/// shared by every edit measured against it, and the unedited model itself: locality
-/// needs its whole distributions, which are recomputed per edit rather than kept (a
-/// vocabulary-wide vector per prompt would not fit in memory for large sets).
+/// shared by every edit measured against it, and what locality needs of the unedited
+/// model: its whole distributions, kept when they fit in [`KEPT_PROBABILITIES`], else
+/// recomputed per edit (a vocabulary-wide vector per prompt outgrows memory on large
+/// sets).
 #[derive(Debug, Clone)]
 pub struct GoldBaseline {
     sums: Vec<GoldSums>,
     before: LoadedModel,
+    distributions: Option<Vec<Vec<MaskDistribution>>>,
 }
+
+/// The most unedited-model probabilities a [`GoldBaseline`] keeps (256 MiB of f32).
+pub const KEPT_PROBABILITIES: usize = 1 << 26;
 
 /// Scores every evaluation fact in the unedited model.
 pub fn gold_baseline(before: &LoadedModel, facts: &[EvalFact]) -> Result<GoldBaseline> {
-    let sums = facts
-        .iter()
-        .map(|f| {
-            Ok(GoldSums::of(
-                &mask_distributions(before, &f.prompts, &())?,
-                f.answer_id,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let prompts: usize = facts.iter().map(|f| f.prompts.len()).sum();
+    let keep = prompts.saturating_mul(before.config.vocab_size) <= KEPT_PROBABILITIES;
+    let mut sums = Vec::with_capacity(facts.len());
+    let mut kept = Vec::new();
+    for f in facts {
+        let d = mask_distributions(before, &f.prompts, &())?;
+        sums.push(GoldSums::of(&d, f.answer_id));
+        if keep {
+            kept.push(d);
+        }
+    }
     Ok(GoldBaseline {
         sums,
         before: before.clone(),
+        distributions: keep.then_some(kept),
     })
 }
 
@@ -236,14 +244,19 @@ pub fn evaluate_gold_against(
     let mut same = Group::default();
     let mut other = Group::default();
     let mut per_relation: BTreeMap<Option<String>, Group> = BTreeMap::new();
-    for (fact, &b) in facts.iter().zip(&baseline.sums) {
+    for (at, (fact, &b)) in facts.iter().zip(&baseline.sums).enumerate() {
         if exclude.contains(&fact.id.to_string()) {
             continue;
         }
         let after_d = mask_distributions(after, &fact.prompts, &())?;
-        let before_d = mask_distributions(&baseline.before, &fact.prompts, &())?;
         let a = GoldSums::of(&after_d, fact.answer_id);
-        let l = LocalitySums::of(&before_d, &after_d);
+        let l = match &baseline.distributions {
+            Some(kept) => LocalitySums::of(&kept[at], &after_d),
+            None => LocalitySums::of(
+                &mask_distributions(&baseline.before, &fact.prompts, &())?,
+                &after_d,
+            ),
+        };
         let in_same = fact
             .relation
             .as_ref()
