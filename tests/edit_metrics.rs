@@ -401,6 +401,13 @@ fn kn_report_reads_reports_with_and_without_the_editors_metrics() {
     value["other_relation"]["locality"] = json!(0.875);
     value["other_relation"]["kl"] = json!(0.0123);
     value["holdout"] = json!(2);
+    // One fact's own metrics, as `--each` writes them.
+    let mut own = value["edited_facts"].clone();
+    own["facts"] = json!(1);
+    own["reliability"] = json!(1.0);
+    own["generalization"] = json!(0.5);
+    value["per_fact"] = json!([{"id": "f1", "relation": "P1", "edited_facts": own,
+                                "other_relation": value["other_relation"].clone()}]);
     let new = tmp.path().join("new.json");
     std::fs::write(&new, value.to_string()).unwrap();
     let out = tmp.path().join("report");
@@ -438,6 +445,10 @@ fn kn_report_reads_reports_with_and_without_the_editors_metrics() {
     );
     assert!(
         !md.contains("| `update.json` | update (scaled) | —"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| `new.json` | \"f1\" | P1 | 100.0% | 50.0% | — | — | 87.5% | 0.0123 |"),
         "{md}"
     );
     // The locality table: the new report's cells, and dashes for the old one.
