@@ -11,6 +11,7 @@ mod decoders;
 mod decoders_cli;
 mod docs;
 mod edit;
+mod edit_metrics;
 mod fact_model;
 mod findings;
 mod findings_smollm2;

@@ -12,10 +12,11 @@ use crate::attribution::run::fact_id;
 use crate::data::output::write_whole;
 use crate::data::{JsonlInput, LineErrors, NeuronsFile, SeenIds};
 use crate::edit::eval::{
-    build_report, read_eval_facts, update_each, EditedFact, EvalFact, ReportInputs,
+    build_report, encode_held_out, read_eval_facts, split_holdout, update_each_held_out,
+    EditedFact, EvalFact, ReportInputs,
 };
 use crate::edit::record::{
-    EditReport, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
+    EditReport, EditedMetrics, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
 };
 use crate::edit::save::{revert, storage_dtype, write_edited_model};
 use crate::edit::{
@@ -108,6 +109,11 @@ pub(super) struct EditArgs {
     /// each fact's own (drawn from --seed and the fact's id, as `kn probe` draws them).
     #[arg(long, value_enum, requires = "update")]
     control: Option<EditControlArg>,
+    /// Hold each updated fact's last K prompts (in the order its line, or else its
+    /// neurons record, lists them) out of the edit and score them as paraphrases
+    /// (generalization). Every fact needs more than K prompts.
+    #[arg(long, value_name = "K", default_value_t = 0, requires = "update")]
+    holdout: usize,
     /// Seed of the --control draw.
     #[arg(long, default_value_t = 0, requires = "control")]
     seed: u64,
@@ -229,7 +235,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 path: path.display().to_string(),
                 sha256: sha256_bytes(&bytes),
             });
-            let requests = read_updates(&lm, &neurons, path, bytes, &mut errors)?;
+            let requests = read_updates(&lm, &neurons, path, bytes, args.holdout, &mut errors)?;
             let rule = match args.rule {
                 RuleArg::Scaled => UpdateRule::Scaled {
                     lambda_old: args.lambda_old,
@@ -254,7 +260,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
             }
             if args.each {
                 let eval = read_eval(&lm, args.eval.as_deref())?;
-                let outcome = update_each(
+                let mut outcome = update_each_held_out(
                     &lm,
                     &neurons,
                     &requests,
@@ -263,6 +269,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                     eval.as_deref(),
                     model,
                 )?;
+                outcome.report.holdout = args.holdout;
                 if let Some(path) = &args.report {
                     let text = serde_json::to_string_pretty(&outcome.report)? + "\n";
                     write_whole(path, text.as_bytes())?;
@@ -290,12 +297,14 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                         outcome.slot_changes
                     )?;
                     write_details(&mut stderr, &plan, &outcome.report)?;
+                    write_per_fact(&mut stderr, &outcome.report)?;
                     writeln!(stderr, "kn: dry run: nothing written")?;
                 }
                 return Ok(Outcome::Clean);
             }
+            let (requests, held_out): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
             let plan = plan_update(&lm, &neurons, &requests, &options, storage)?;
-            let edited = edited_facts(&lm, &plan, &requests)?;
+            let edited = edited_facts(&lm, &plan, &requests, &held_out)?;
             (plan, Some(rule), None, edited)
         }
         _ => {
@@ -330,6 +339,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
         rule,
         value,
         edited: &edited,
+        holdout: args.holdout,
         eval: eval.as_deref(),
         model: model.clone(),
     })?;
@@ -412,14 +422,16 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Parses the --update file: every line must name a fact of the neurons file and a new
-/// answer, both single tokens, with prompts the model takes.
+/// answer, both single tokens, with prompts the model takes (more than `holdout` of
+/// them). Each request comes with its held-out prompts.
 fn read_updates<'a>(
     lm: &LoadedModel,
     neurons: &'a NeuronsFile,
     path: &Path,
     bytes: Vec<u8>,
+    holdout: usize,
     errors: &mut LineErrors,
-) -> anyhow::Result<Vec<UpdateRequest<'a>>> {
+) -> anyhow::Result<Vec<(UpdateRequest<'a>, Vec<String>)>> {
     let mut input = JsonlInput::from_reader(path, Box::new(BufReader::new(Cursor::new(bytes))));
     let mut requests = Vec::new();
     let mut seen = SeenIds::default();
@@ -428,7 +440,9 @@ fn read_updates<'a>(
             .check(&fact_id(&update.fact, line), line)
             .and_then(|()| neurons.resolve(&update.fact, line))
             .map_err(|reason| input.error(line, reason))
-            .and_then(|fact| {
+            .and_then(|mut fact| {
+                let held_out = split_holdout(&mut fact.prompts, holdout)
+                    .map_err(|e| input.error(line, format!("fact {}: {e}", fact.id)))?;
                 let new_answer = update
                     .new_answer
                     .clone()
@@ -437,8 +451,9 @@ fn read_updates<'a>(
                     .answer_id(&fact.answer)
                     .and_then(|_| lm.tokenizer.answer_id(&new_answer))
                     .and_then(|_| encode_prompts(lm, &fact.prompts))
+                    .and_then(|_| encode_held_out(lm, &held_out))
                     .map_err(|e| input.error(line, e))?;
-                Ok(UpdateRequest { fact, new_answer })
+                Ok((UpdateRequest { fact, new_answer }, held_out))
             });
         match checked {
             Ok(request) => requests.push(request),
@@ -453,16 +468,18 @@ fn edited_facts(
     lm: &LoadedModel,
     plan: &EditPlan,
     requests: &[UpdateRequest],
+    held_out: &[Vec<String>],
 ) -> anyhow::Result<Vec<EditedFact>> {
     plan.facts
         .iter()
         .map(|edit| {
-            let request = requests
+            let at = requests
                 .iter()
-                .find(|r| r.fact.id == edit.id)
+                .position(|r| r.fact.id == edit.id)
                 .context("an edited fact that was not asked for")?;
             Ok(EditedFact {
-                prompts: encode_prompts(lm, &request.fact.prompts)?,
+                prompts: encode_prompts(lm, &requests[at].fact.prompts)?,
+                held_out: encode_held_out(lm, &held_out[at])?,
                 old_id: lm.tokenizer.answer_id(&edit.answer)?,
                 new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
             })
@@ -531,24 +548,29 @@ fn write_details(
                 m.mrr
             )?;
         }
+        writeln!(out, "{}", editors_line(e))?;
     }
     if report.same_relation.is_some() || report.other_relation.is_some() {
         writeln!(
             out,
-            "{:<22} {:>6} {:>8}   accuracy before → after   perplexity before → after",
+            "{:<22} {:>6} {:>8}   accuracy before → after   perplexity before → after   \
+             locality   mean KL",
             "evaluation facts", "facts", "prompts"
         )?;
         let row = |out: &mut dyn Write, name: &str, g: &GroupMetrics| {
             writeln!(
                 out,
-                "  {:<20} {:>6} {:>8}   {:>7.1}% → {:>6.1}%        {:>9.3} → {:>9.3}",
+                "  {:<20} {:>6} {:>8}   {:>7.1}% → {:>6.1}%        {:>9.3} → {:>9.3}   {:>7}  {:>8}",
                 name,
                 g.facts,
                 g.prompts,
                 100.0 * g.before.accuracy,
                 100.0 * g.after.accuracy,
                 g.before.perplexity,
-                g.after.perplexity
+                g.after.perplexity,
+                g.locality
+                    .map_or("-".into(), |l| format!("{:.1}%", 100.0 * l)),
+                g.kl.map_or("-".into(), |k| format!("{k:.4}"))
             )
         };
         let same_name = match report.operation {
@@ -564,6 +586,61 @@ fn write_details(
         for g in &report.per_relation {
             row(out, g.relation.as_deref().unwrap_or("(none)"), g)?;
         }
+    }
+    Ok(())
+}
+
+/// The editors' names for the edited facts' metrics, on one line.
+fn editors_line(e: &EditedMetrics) -> String {
+    let mut line = format!(
+        "  reliability (efficacy) {}",
+        e.reliability
+            .map_or("-".into(), |r| format!("{:.1}%", 100.0 * r))
+    );
+    match e.generalization {
+        Some(g) => line.push_str(&format!(
+            ", generalization (paraphrase) {:.1}% on {} held-out prompt(s)",
+            100.0 * g,
+            e.held_out_prompts
+        )),
+        None => line.push_str(", generalization: no held-out prompts (--holdout)"),
+    }
+    line
+}
+
+/// With --each, every edited fact's own editors' metrics.
+fn write_per_fact(out: &mut impl Write, report: &EditReport) -> std::io::Result<()> {
+    if report.per_fact.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<20} {:>11} {:>14} {:>15} {:>9} {:>16} {:>9}",
+        "per fact",
+        "reliability",
+        "generalization",
+        "locality (same)",
+        "KL (same)",
+        "locality (other)",
+        "KL (other)"
+    )?;
+    let pct = |v: Option<f64>| v.map_or("-".into(), |v| format!("{:.1}%", 100.0 * v));
+    let kl = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.4}"));
+    for f in &report.per_fact {
+        let e = &f.edited_facts;
+        let same = f.same_relation.as_ref();
+        let other = f.other_relation.as_ref();
+        writeln!(
+            out,
+            "  {:<18} {:>11} {:>14} {:>15} {:>9} {:>16} {:>9}",
+            f.id.to_string(),
+            pct(e.reliability),
+            pct(e.generalization),
+            pct(same.and_then(|g| g.locality)),
+            kl(same.and_then(|g| g.kl)),
+            pct(other.and_then(|g| g.locality)),
+            kl(other.and_then(|g| g.kl))
+        )?;
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Measuring an edit: the new answer on the edited facts, and gold-answer accuracy and
 //! perplexity on evaluation facts of the edited relations and of the others (the
-//! paper's update and erase tables). Every rate is over prompts.
+//! paper's update and erase tables), and the model-editing literature's reliability,
+//! generalization and locality beside them. Every rate is over prompts.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::Path;
@@ -8,8 +9,8 @@ use std::path::Path;
 use candle_core::DType;
 
 use super::record::{
-    AnswerMetrics, EditReport, EditedMetrics, FactEdit, GoldMetrics, GroupMetrics, Operation,
-    Skipped,
+    AnswerMetrics, EditReport, EditedMetrics, FactEdit, FactMetrics, GoldMetrics, GroupMetrics,
+    Operation, Skipped,
 };
 use super::{
     apply_slots, plan_update, EditPlan, EraseValue, UpdateOptions, UpdateRequest, UpdateRule,
@@ -116,6 +117,57 @@ fn probability(d: &MaskDistribution, id: u32) -> f64 {
     f64::from(d.probabilities[id as usize].max(f32::MIN_POSITIVE))
 }
 
+/// `KL(p ‖ q)` in nats, summed in f64 over the tokens `p` gives weight; `q` is floored
+/// as [`probability`] floors it, so a token the edit drove to 0 gives a large but
+/// finite divergence.
+pub fn kl_divergence(p: &[f32], q: &[f32]) -> f64 {
+    p.iter()
+        .zip(q)
+        .filter(|(&p, _)| p > 0.0)
+        .map(|(&p, &q)| {
+            let p = f64::from(p);
+            p * (p.ln() - f64::from(q.max(f32::MIN_POSITIVE)).ln())
+        })
+        .sum()
+}
+
+/// Locality counts of some prompts: how many kept their top-1, and the summed
+/// `KL(before ‖ after)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct LocalitySums {
+    prompts: usize,
+    unchanged: usize,
+    kl: f64,
+}
+
+impl LocalitySums {
+    fn of(before: &[MaskDistribution], after: &[MaskDistribution]) -> Self {
+        let mut sums = Self::default();
+        for (b, a) in before.iter().zip(after) {
+            sums.prompts += 1;
+            sums.unchanged +=
+                usize::from(b.top_k(1).first().map(|t| t.0) == a.top_k(1).first().map(|t| t.0));
+            sums.kl += kl_divergence(&b.probabilities, &a.probabilities);
+        }
+        sums
+    }
+
+    fn add(&mut self, other: Self) {
+        self.prompts += other.prompts;
+        self.unchanged += other.unchanged;
+        self.kl += other.kl;
+    }
+
+    /// (locality, mean KL), `None` without prompts.
+    fn rates(&self) -> (Option<f64>, Option<f64>) {
+        if self.prompts == 0 {
+            return (None, None);
+        }
+        let n = self.prompts as f64;
+        (Some(self.unchanged as f64 / n), Some(self.kl / n))
+    }
+}
+
 /// Gold metrics of the evaluation facts: the edited (erased) relations' facts, the
 /// others' (each `None` when empty), and one entry per relation.
 pub type GoldGroups = (
@@ -125,27 +177,44 @@ pub type GoldGroups = (
 );
 
 /// The evaluation facts' gold-answer counts in the unedited model, computed once and
-/// shared by every edit measured against it.
+/// shared by every edit measured against it, and what locality needs of the unedited
+/// model: its whole distributions, kept when they fit in [`KEPT_PROBABILITIES`], else
+/// recomputed per edit (a vocabulary-wide vector per prompt outgrows memory on large
+/// sets).
 #[derive(Debug, Clone)]
-pub struct GoldBaseline(Vec<GoldSums>);
+pub struct GoldBaseline {
+    sums: Vec<GoldSums>,
+    before: LoadedModel,
+    distributions: Option<Vec<Vec<MaskDistribution>>>,
+}
+
+/// The most unedited-model probabilities a [`GoldBaseline`] keeps (256 MiB of f32).
+pub const KEPT_PROBABILITIES: usize = 1 << 26;
 
 /// Scores every evaluation fact in the unedited model.
 pub fn gold_baseline(before: &LoadedModel, facts: &[EvalFact]) -> Result<GoldBaseline> {
-    facts
-        .iter()
-        .map(|f| {
-            Ok(GoldSums::of(
-                &mask_distributions(before, &f.prompts, &())?,
-                f.answer_id,
-            ))
-        })
-        .collect::<Result<Vec<_>>>()
-        .map(GoldBaseline)
+    let prompts: usize = facts.iter().map(|f| f.prompts.len()).sum();
+    let keep = prompts.saturating_mul(before.config.vocab_size) <= KEPT_PROBABILITIES;
+    let mut sums = Vec::with_capacity(facts.len());
+    let mut kept = Vec::new();
+    for f in facts {
+        let d = mask_distributions(before, &f.prompts, &())?;
+        sums.push(GoldSums::of(&d, f.answer_id));
+        if keep {
+            kept.push(d);
+        }
+    }
+    Ok(GoldBaseline {
+        sums,
+        before: before.clone(),
+        distributions: keep.then_some(kept),
+    })
 }
 
-/// Gold accuracy and perplexity of the evaluation facts before and after, split into
-/// the facts of `relations` (same) and the others (`None` when a group has no fact), and
-/// per relation. Facts whose id is in `exclude` (the edited ones) are left out.
+/// Gold accuracy and perplexity of the evaluation facts before and after, and their
+/// locality (top-1 unchanged, mean KL), split into the facts of `relations` (same) and
+/// the others (`None` when a group has no fact), and per relation. Facts whose id is in
+/// `exclude` (the edited ones) are left out.
 pub fn evaluate_gold(
     before: &LoadedModel,
     after: &LoadedModel,
@@ -170,18 +239,24 @@ pub fn evaluate_gold_against(
         facts: usize,
         before: GoldSums,
         after: GoldSums,
+        locality: LocalitySums,
     }
     let mut same = Group::default();
     let mut other = Group::default();
     let mut per_relation: BTreeMap<Option<String>, Group> = BTreeMap::new();
-    for (fact, &b) in facts.iter().zip(&baseline.0) {
+    for (at, (fact, &b)) in facts.iter().zip(&baseline.sums).enumerate() {
         if exclude.contains(&fact.id.to_string()) {
             continue;
         }
-        let a = GoldSums::of(
-            &mask_distributions(after, &fact.prompts, &())?,
-            fact.answer_id,
-        );
+        let after_d = mask_distributions(after, &fact.prompts, &())?;
+        let a = GoldSums::of(&after_d, fact.answer_id);
+        let l = match &baseline.distributions {
+            Some(kept) => LocalitySums::of(&kept[at], &after_d),
+            None => LocalitySums::of(
+                &mask_distributions(&baseline.before, &fact.prompts, &())?,
+                &after_d,
+            ),
+        };
         let in_same = fact
             .relation
             .as_ref()
@@ -194,14 +269,20 @@ pub fn evaluate_gold_against(
             group.facts += 1;
             group.before.add(b);
             group.after.add(a);
+            group.locality.add(l);
         }
     }
-    let metrics = |relation: Option<String>, g: &Group| GroupMetrics {
-        relation,
-        facts: g.facts,
-        prompts: g.before.prompts,
-        before: g.before.metrics(),
-        after: g.after.metrics(),
+    let metrics = |relation: Option<String>, g: &Group| {
+        let (locality, kl) = g.locality.rates();
+        GroupMetrics {
+            relation,
+            facts: g.facts,
+            prompts: g.before.prompts,
+            before: g.before.metrics(),
+            after: g.after.metrics(),
+            locality,
+            kl,
+        }
     };
     let nonempty = |g: &Group| (g.facts > 0).then(|| metrics(None, g));
     Ok((
@@ -217,15 +298,19 @@ pub fn evaluate_gold_against(
 /// An edited fact to score: its prompts, old and new answer ids.
 #[derive(Debug, Clone)]
 pub struct EditedFact {
-    /// Prompts.
+    /// The prompts the edit used.
     pub prompts: Vec<EncodedPrompt>,
+    /// Its prompts held out of the edit (`--holdout`), scored as paraphrases.
+    pub held_out: Vec<EncodedPrompt>,
     /// The answer before.
     pub old_id: u32,
     /// The answer wanted.
     pub new_id: u32,
 }
 
-/// Success, success@5, change rate and MRR of the new answers, before and after.
+/// Success, success@5, change rate and MRR of the new answers, before and after, on the
+/// prompts the edit used; reliability on those prompts and generalization on the
+/// held-out ones, after.
 pub fn evaluate_edited(
     before: &LoadedModel,
     after: &LoadedModel,
@@ -258,11 +343,22 @@ pub fn evaluate_edited(
     };
     let (before_metrics, prompts) = score(before)?;
     let (after_metrics, _) = score(after)?;
+    let (mut held_out, mut generalized) = (0usize, 0usize);
+    for fact in facts {
+        for d in mask_distributions(after, &fact.held_out, &())? {
+            held_out += 1;
+            generalized += usize::from(d.top_k(1).first().map(|t| t.0) == Some(fact.new_id));
+        }
+    }
     Ok(EditedMetrics {
         facts: facts.len(),
         prompts,
         before: before_metrics,
         after: after_metrics,
+        // With one-token answers the top-1 test of reliability is success's.
+        reliability: Some(after_metrics.success),
+        held_out_prompts: held_out,
+        generalization: (held_out > 0).then(|| generalized as f64 / held_out as f64),
     })
 }
 
@@ -280,6 +376,8 @@ pub struct ReportInputs<'a> {
     pub value: Option<EraseValue>,
     /// The edited facts, tokenized (updates).
     pub edited: &'a [EditedFact],
+    /// Prompts held out of each updated fact (`--holdout`).
+    pub holdout: usize,
     /// Evaluation facts (`--eval`).
     pub eval: Option<&'a [EvalFact]>,
     /// The model's identity.
@@ -329,6 +427,8 @@ pub fn build_report(inputs: ReportInputs) -> Result<EditReport> {
         skipped: plan.skipped.clone(),
         control: None,
         each: false,
+        holdout: inputs.holdout,
+        per_fact: Vec::new(),
     })
 }
 
@@ -340,6 +440,8 @@ struct GroupPool {
     prompts: usize,
     correct: (f64, f64),
     neg_log_p: (f64, f64),
+    unchanged: f64,
+    kl: f64,
 }
 
 impl GroupPool {
@@ -351,6 +453,9 @@ impl GroupPool {
         self.correct.1 += g.after.accuracy * n;
         self.neg_log_p.0 += g.before.perplexity.ln() * n;
         self.neg_log_p.1 += g.after.perplexity.ln() * n;
+        // The groups pooled here were all just measured, so they have locality.
+        self.unchanged += g.locality.unwrap_or(0.0) * n;
+        self.kl += g.kl.unwrap_or(0.0) * n;
     }
 
     fn finish(&self, relation: Option<String>) -> GroupMetrics {
@@ -367,6 +472,8 @@ impl GroupPool {
                 accuracy: self.correct.1 / n,
                 perplexity: (self.neg_log_p.1 / n).exp(),
             },
+            locality: Some(self.unchanged / n),
+            kl: Some(self.kl / n),
         }
     }
 }
@@ -377,6 +484,8 @@ struct AnswerPool {
     facts: usize,
     prompts: usize,
     sums: [[f64; 4]; 2],
+    held_out: usize,
+    generalized: f64,
 }
 
 impl AnswerPool {
@@ -392,6 +501,8 @@ impl AnswerPool {
                 *s += v * n;
             }
         }
+        self.held_out += m.held_out_prompts;
+        self.generalized += m.generalization.unwrap_or(0.0) * m.held_out_prompts as f64;
     }
 
     fn finish(&self) -> EditedMetrics {
@@ -402,13 +513,41 @@ impl AnswerPool {
             change_rate: s[2] / n,
             mrr: s[3] / n,
         };
+        let after = metrics(&self.sums[1]);
         EditedMetrics {
             facts: self.facts,
             prompts: self.prompts,
             before: metrics(&self.sums[0]),
-            after: metrics(&self.sums[1]),
+            after,
+            reliability: Some(after.success),
+            held_out_prompts: self.held_out,
+            generalization: (self.held_out > 0).then(|| self.generalized / self.held_out as f64),
         }
     }
+}
+
+/// Takes the last `k` of a fact's prompts (in the order the fact lists them) out of
+/// `prompts` and returns them, to be held out of the edit and scored as paraphrases.
+/// The fact must keep at least one prompt.
+pub fn split_holdout(prompts: &mut Vec<String>, k: usize) -> Result<Vec<String>> {
+    if k >= prompts.len() && k > 0 {
+        return Err(Error::Prompt(format!(
+            "has {} prompt(s): --holdout {k} would leave none to edit with (it needs at \
+             least {})",
+            prompts.len(),
+            k + 1
+        )));
+    }
+    Ok(prompts.split_off(prompts.len() - k))
+}
+
+/// Tokenizes held-out prompts; none is no paraphrase, not an error (a fact's own prompts
+/// must not be empty, so [`encode_prompts`] refuses an empty list).
+pub fn encode_held_out(lm: &LoadedModel, prompts: &[String]) -> Result<Vec<EncodedPrompt>> {
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    encode_prompts(lm, prompts)
 }
 
 /// An update measured one fact at a time ([`update_each`]).
@@ -427,12 +566,29 @@ pub struct EachOutcome {
 /// Updates each fact of `requests` alone, from the unedited model (the paper's
 /// protocol), and pools the metrics over the edits: success, success@5, change rate
 /// and MRR over the edited facts' prompts; with `eval`, the gold accuracy and
-/// perplexity of the evaluation facts of the edited fact's relation (itself left out)
-/// and of the others, over every (edit, evaluation prompt) pair.
+/// perplexity, locality and KL of the evaluation facts of the edited fact's relation
+/// (itself left out) and of the others, over every (edit, evaluation prompt) pair. Each
+/// fact's own metrics are kept in the report's `per_fact`.
 pub fn update_each(
     lm: &LoadedModel,
     neurons: &NeuronsFile,
     requests: &[UpdateRequest],
+    options: &UpdateOptions,
+    storage: DType,
+    eval: Option<&[EvalFact]>,
+    model: ModelInfo,
+) -> Result<EachOutcome> {
+    let requests: Vec<(UpdateRequest, Vec<String>)> =
+        requests.iter().map(|r| (r.clone(), Vec::new())).collect();
+    update_each_held_out(lm, neurons, &requests, options, storage, eval, model)
+}
+
+/// [`update_each`] with each request's held-out prompts ([`split_holdout`]), scored for
+/// generalization (none: no generalization for that fact).
+pub fn update_each_held_out(
+    lm: &LoadedModel,
+    neurons: &NeuronsFile,
+    requests: &[(UpdateRequest, Vec<String>)],
     options: &UpdateOptions,
     storage: DType,
     eval: Option<&[EvalFact]>,
@@ -457,13 +613,15 @@ pub fn update_each(
             skipped: Vec::new(),
             control: options.random_control.map(|_| ControlKind::Random),
             each: true,
+            holdout: 0,
+            per_fact: Vec::new(),
         },
         facts: Vec::new(),
         skipped: Vec::new(),
         slot_changes: 0,
     };
     let mut relations = BTreeSet::new();
-    for request in requests {
+    for (request, held_out) in requests {
         let plan = plan_update(lm, neurons, std::slice::from_ref(request), options, storage)?;
         outcome.skipped.extend(plan.skipped);
         let Some(edit) = plan.facts.into_iter().next() else {
@@ -476,10 +634,19 @@ pub fn update_each(
         };
         let edited = EditedFact {
             prompts: encode_prompts(lm, &request.fact.prompts)?,
+            held_out: encode_held_out(lm, held_out)?,
             old_id: lm.tokenizer.answer_id(&edit.answer)?,
             new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
         };
-        answers.add(&evaluate_edited(lm, &after, std::slice::from_ref(&edited))?);
+        let own_metrics = evaluate_edited(lm, &after, std::slice::from_ref(&edited))?;
+        answers.add(&own_metrics);
+        let mut fact_metrics = FactMetrics {
+            id: edit.id.clone(),
+            relation: edit.relation.clone(),
+            edited_facts: own_metrics,
+            same_relation: None,
+            other_relation: None,
+        };
         if let (Some(facts), Some(baseline)) = (eval, &baseline) {
             let own: BTreeSet<String> = edit.relation.iter().cloned().collect();
             let exclude = HashSet::from([edit.id.to_string()]);
@@ -493,7 +660,10 @@ pub fn update_each(
             for g in &per {
                 per_relation.entry(g.relation.clone()).or_default().add(g);
             }
+            fact_metrics.same_relation = s;
+            fact_metrics.other_relation = o;
         }
+        outcome.report.per_fact.push(fact_metrics);
         relations.extend(edit.relation.clone());
         outcome.facts.push(edit);
     }
@@ -532,5 +702,78 @@ mod tests {
         // A probability of 0 is floored: finite perplexity.
         let zero = GoldSums::of(&[d(vec![0.2, 0.8, 0.0])], 2).metrics();
         assert!(zero.perplexity.is_finite() && zero.perplexity > 1e30);
+    }
+
+    fn dist(p: Vec<f32>) -> MaskDistribution {
+        MaskDistribution {
+            mask_position: 1,
+            probabilities: p,
+        }
+    }
+
+    #[test]
+    fn kl_divergence_is_the_hand_computed_sum() {
+        // KL((½, ½, 0) ‖ (¼, ¾, 0)) = ½ ln 2 + ½ ln(2/3); the third token has no weight in p.
+        let kl = kl_divergence(&[0.5, 0.5, 0.0], &[0.25, 0.75, 0.0]);
+        let hand = 0.5 * 2f64.ln() + 0.5 * (2.0f64 / 3.0).ln();
+        assert!((kl - hand).abs() < 1e-7, "{kl} vs {hand}");
+        assert_eq!(kl_divergence(&[0.2, 0.8], &[0.2, 0.8]), 0.0);
+        // q = 0 where p > 0 is floored: large but finite.
+        let floored = kl_divergence(&[1.0, 0.0], &[0.0, 1.0]);
+        assert!(floored.is_finite() && floored > 80.0, "{floored}");
+    }
+
+    #[test]
+    fn locality_counts_unchanged_top1_and_averages_kl() {
+        let before = [dist(vec![0.6, 0.4]), dist(vec![0.1, 0.9])];
+        // The first prompt's top-1 moves from token 0 to token 1; the second keeps token 1.
+        let after = [dist(vec![0.4, 0.6]), dist(vec![0.1, 0.9])];
+        let (locality, kl) = LocalitySums::of(&before, &after).rates();
+        assert_eq!(locality, Some(0.5));
+        let first = 0.6 * (0.6f64 / 0.4).ln() + 0.4 * (0.4f64 / 0.6).ln();
+        assert!((kl.unwrap() - first / 2.0).abs() < 1e-7, "{kl:?}");
+        assert_eq!(LocalitySums::default().rates(), (None, None));
+    }
+
+    #[test]
+    fn holdout_takes_the_last_prompts_and_keeps_one() {
+        let mut prompts: Vec<String> = ["p1", "p2", "p3"].map(String::from).to_vec();
+        assert_eq!(split_holdout(&mut prompts, 2).unwrap(), ["p2", "p3"]);
+        assert_eq!(prompts, ["p1"]);
+        assert!(split_holdout(&mut prompts, 0).unwrap().is_empty());
+        let err = split_holdout(&mut prompts, 1).unwrap_err().to_string();
+        assert!(err.contains("has 1 prompt(s): --holdout 1"), "{err}");
+        assert_eq!(prompts, ["p1"]);
+    }
+
+    #[test]
+    fn pooled_generalization_is_weighted_by_held_out_prompts() {
+        let answers = AnswerMetrics {
+            success: 0.0,
+            success_at_5: 0.0,
+            change_rate: 0.0,
+            mrr: 0.0,
+        };
+        let edit = |success: f64, held_out: usize, generalization: Option<f64>| EditedMetrics {
+            facts: 1,
+            prompts: 2,
+            before: answers,
+            after: AnswerMetrics { success, ..answers },
+            reliability: Some(success),
+            held_out_prompts: held_out,
+            generalization,
+        };
+        let mut pool = AnswerPool::default();
+        pool.add(&edit(1.0, 1, Some(1.0)));
+        pool.add(&edit(0.5, 3, Some(1.0 / 3.0)));
+        let pooled = pool.finish();
+        // Reliability over 4 prompts: (2·1 + 2·½) / 4; generalization over 4 held-out
+        // prompts: (1 + 1) / 4.
+        assert_eq!(pooled.reliability, Some(0.75));
+        assert_eq!(pooled.held_out_prompts, 4);
+        assert!((pooled.generalization.unwrap() - 0.5).abs() < 1e-12);
+        let mut none = AnswerPool::default();
+        none.add(&edit(1.0, 0, None));
+        assert_eq!(none.finish().generalization, None);
     }
 }

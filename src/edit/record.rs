@@ -26,11 +26,13 @@
 //!  "model":{…},"kn_version":"0.1.0",
 //!  "edited_facts":{"facts":12,"prompts":96,
 //!    "before":{"success":0.0,"success_at_5":0.08,"change_rate":0.0,"mrr":0.02},
-//!    "after":{"success":0.34,"success_at_5":0.6,"change_rate":0.48,"mrr":0.41}},
-//!  "same_relation":{"facts":120,"prompts":900,"before":{"accuracy":0.61,"perplexity":12.3},"after":{…}},
+//!    "after":{"success":0.34,"success_at_5":0.6,"change_rate":0.48,"mrr":0.41},
+//!    "reliability":0.34,"held_out_prompts":24,"generalization":0.21},
+//!  "same_relation":{"facts":120,"prompts":900,"before":{"accuracy":0.61,"perplexity":12.3},"after":{…},
+//!    "locality":0.93,"kl":0.041},
 //!  "other_relation":{…},
 //!  "per_relation":[{"relation":"P36","facts":120,"prompts":900,"before":{…},"after":{…}}],
-//!  "skipped":[{"id":"P36:7","reason":"…"}]}
+//!  "skipped":[{"id":"P36:7","reason":"…"}],"holdout":2}
 //! ```
 //!
 //! Every rate is over prompts. `edited_facts` (updates only) scores the new answer:
@@ -40,7 +42,14 @@
 //! the edited (erased) relations and of the others, edited facts left out: accuracy
 //! (top-1) and perplexity `exp(mean −ln p_gold)`. `"control":"random"` marks updates
 //! made through random neurons (the control), `"each":true` facts updated one at a time
-//! from the unedited model, with the metrics pooled over the edits.
+//! from the unedited model, with the metrics pooled over the edits (and each fact's own
+//! in `per_fact`).
+//!
+//! The editors' metrics (as the model-editing literature names them) sit beside the
+//! paper's: `reliability` (top-1 is the new answer on the prompts the edit used),
+//! `generalization` (the same on the `--holdout` prompts, kept out of the edit) and,
+//! per evaluation set, `locality` (top-1 unchanged by the edit) and `kl` (mean
+//! `KL(before ‖ after)`). Reports without them (older kn) still read.
 
 use serde::{Deserialize, Serialize};
 
@@ -218,6 +227,23 @@ pub struct EditedMetrics {
     pub before: AnswerMetrics,
     /// After.
     pub after: AnswerMetrics,
+    /// Reliability (EasyEdit's name; ROME's *efficacy*): the share of the prompts the
+    /// edit used whose top-1 after the edit is the new answer. With one-token answers it
+    /// is `after.success` under the editors' name; for several tokens it would be the
+    /// teacher-forced token accuracy. Absent in reports made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reliability: Option<f64>,
+    /// Prompts held out of the edit (`--holdout`), over all edited facts.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub held_out_prompts: usize,
+    /// Generalization (EasyEdit; ROME's *paraphrase*): reliability on the held-out
+    /// prompts. Absent without `--holdout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generalization: Option<f64>,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 /// A group of evaluation facts, before and after.
@@ -234,6 +260,33 @@ pub struct GroupMetrics {
     pub before: GoldMetrics,
     /// After.
     pub after: GoldMetrics,
+    /// Locality (EasyEdit; ROME's *neighborhood*): the share of these prompts whose
+    /// top-1 prediction is the same after the edit as before, whatever the gold answer.
+    /// Absent in reports made before it existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<f64>,
+    /// Mean over these prompts of `KL(before ‖ after)` (nats) of the distributions at
+    /// the answer position (the mask, or a decoder's next token). Absent in older reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kl: Option<f64>,
+}
+
+/// One fact's own metrics when facts are updated one at a time (`--each`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FactMetrics {
+    /// Fact id.
+    pub id: serde_json::Value,
+    /// Relation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relation: Option<String>,
+    /// Its prompts (the paper's metrics, reliability and generalization).
+    pub edited_facts: EditedMetrics,
+    /// Evaluation facts of its relation, itself left out (with `--eval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_relation: Option<GroupMetrics>,
+    /// Evaluation facts of the other relations (with `--eval`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub other_relation: Option<GroupMetrics>,
 }
 
 /// `--report`: what an edit changed.
@@ -280,4 +333,12 @@ pub struct EditReport {
     /// all facts were edited together.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub each: bool,
+    /// `--holdout K`: each updated fact's last K prompts were kept out of the edit and
+    /// scored as paraphrases (`generalization`). Absent for 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub holdout: usize,
+    /// With `each`, every edited fact's own metrics, in the order edited; the pooled
+    /// fields above aggregate them. Absent otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_fact: Vec<FactMetrics>,
 }

@@ -206,6 +206,31 @@ pub fn summary(report: &Report) -> String {
                 arrow(Some(f.before.success), Some(f.after.success), pct),
                 arrow(Some(f.before.change_rate), Some(f.after.change_rate), pct)
             ));
+            // Older reports lack the editors' metrics: their line stays as it was.
+            if let Some(reliability) = f.reliability {
+                let mut editors = format!("reliability {}", pct(Some(reliability)));
+                if let Some(g) = f.generalization {
+                    editors.push_str(&format!(", generalization {}", pct(Some(g))));
+                }
+                parts.push(editors);
+            }
+        }
+        let local: Vec<String> = [
+            ("same relation", &r.same_relation),
+            ("other relations", &r.other_relation),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| {
+            let set = set.as_ref()?;
+            Some(format!(
+                "{name} {} (KL {})",
+                pct(Some(set.locality?)),
+                opt(set.kl, |k| format!("{k:.4}"))
+            ))
+        })
+        .collect();
+        if !local.is_empty() {
+            parts.push(format!("locality {}", local.join(", ")));
         }
         let ppl = |set: &Option<GroupMetrics>, name: &str| {
             set.as_ref().map(|set| {
@@ -525,15 +550,53 @@ pub fn markdown(report: &Report) -> String {
             }
             s.push('\n');
         }
+        editors_table(&mut s, report);
+        let per_fact: Vec<_> = report
+            .edits
+            .iter()
+            .filter(|e| !e.report.per_fact.is_empty())
+            .collect();
+        if !per_fact.is_empty() {
+            let _ = writeln!(s, "Each fact edited alone (`--each`), after the edit:\n");
+            let _ = writeln!(
+                s,
+                "| report | fact | relation | reliability | generalization | locality (same \
+                 relation) | KL (same) | locality (other relations) | KL (other) |"
+            );
+            let _ = writeln!(s, "|---|---|---|--:|--:|--:|--:|--:|--:|");
+            for e in per_fact {
+                for f in &e.report.per_fact {
+                    let same = f.same_relation.as_ref();
+                    let other = f.other_relation.as_ref();
+                    let kl = |v: Option<f64>| opt(v, |k| format!("{k:.4}"));
+                    let _ = writeln!(
+                        s,
+                        "| `{}` | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        file_name(&e.file),
+                        f.id,
+                        f.relation.as_deref().unwrap_or(NONE),
+                        pct(f.edited_facts.reliability),
+                        pct(f.edited_facts.generalization),
+                        pct(same.and_then(|g| g.locality)),
+                        kl(same.and_then(|g| g.kl)),
+                        pct(other.and_then(|g| g.locality)),
+                        kl(other.and_then(|g| g.kl))
+                    );
+                }
+            }
+            s.push('\n');
+        }
         let _ = writeln!(
             s,
-            "Locality, before → after (perplexity of gold answers, its change in brackets):\n"
+            "Locality, before → after (perplexity of gold answers, its change in brackets; \
+             locality = share of prompts whose top-1 the edit left unchanged, KL = mean \
+             KL(before ‖ after) at the answer position):\n"
         );
         let _ = writeln!(
             s,
-            "| report | operation | set | facts | accuracy | perplexity |"
+            "| report | operation | set | facts | accuracy | perplexity | locality | KL |"
         );
-        let _ = writeln!(s, "|---|---|---|--:|--:|--:|");
+        let _ = writeln!(s, "|---|---|---|--:|--:|--:|--:|--:|");
         for e in &report.edits {
             let r = &e.report;
             let how = format!("{} ({})", operation(r), how(r));
@@ -551,16 +614,19 @@ pub fn markdown(report: &Report) -> String {
                 any = true;
                 let _ = writeln!(
                     s,
-                    "| `{}` | {how} | {name} | {} | {} |",
+                    "| `{}` | {how} | {name} | {} | {} | {} | {} |",
                     file_name(&e.file),
                     set.facts,
-                    eval_cells(&set.before, &set.after)
+                    eval_cells(&set.before, &set.after),
+                    pct(set.locality),
+                    opt(set.kl, |k| format!("{k:.4}"))
                 );
             }
             if !any {
                 let _ = writeln!(
                     s,
-                    "| `{}` | {how} | (no evaluation set) | {NONE} | {NONE} | {NONE} |",
+                    "| `{}` | {how} | (no evaluation set) | {NONE} | {NONE} | {NONE} | {NONE} | \
+                     {NONE} |",
                     file_name(&e.file)
                 );
             }
@@ -568,4 +634,55 @@ pub fn markdown(report: &Report) -> String {
         s.push('\n');
     }
     s
+}
+
+/// The editors' metrics of the edit reports that have them (reports made before they
+/// existed are left out), in a table of their own so the paper's tables keep their shape.
+fn editors_table(s: &mut String, report: &Report) {
+    let has = |r: &EditReport| {
+        r.edited_facts.is_some_and(|f| f.reliability.is_some())
+            || [&r.same_relation, &r.other_relation]
+                .into_iter()
+                .flatten()
+                .any(|g| g.locality.is_some())
+    };
+    let rows: Vec<_> = report.edits.iter().filter(|e| has(&e.report)).collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        s,
+        "Editors' metrics, after the edit (reliability: the new answer is top-1 on the \
+         prompts the edit used; generalization: the same on the held-out prompts; locality: \
+         share of the evaluation prompts whose top-1 the edit left unchanged; KL: mean \
+         KL(before ‖ after) at the answer position):\n"
+    );
+    let _ = writeln!(
+        s,
+        "| report | operation | reliability | held-out prompts | generalization | locality \
+         (same relation) | KL (same) | locality (other relations) | KL (other) |"
+    );
+    let _ = writeln!(s, "|---|---|--:|--:|--:|--:|--:|--:|--:|");
+    let kl = |v: Option<f64>| opt(v, |k| format!("{k:.4}"));
+    for e in rows {
+        let r = &e.report;
+        let f = r.edited_facts.as_ref();
+        let same = r.same_relation.as_ref();
+        let other = r.other_relation.as_ref();
+        let _ = writeln!(
+            s,
+            "| `{}` | {} ({}) | {} | {} | {} | {} | {} | {} | {} |",
+            file_name(&e.file),
+            operation(r),
+            how(r),
+            pct(f.and_then(|f| f.reliability)),
+            f.map_or(0, |f| f.held_out_prompts),
+            pct(f.and_then(|f| f.generalization)),
+            pct(same.and_then(|g| g.locality)),
+            kl(same.and_then(|g| g.kl)),
+            pct(other.and_then(|g| g.locality)),
+            kl(other.and_then(|g| g.kl))
+        );
+    }
+    s.push('\n');
 }
