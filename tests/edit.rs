@@ -22,13 +22,7 @@ use kn::predict::{encode_prompts, mask_distributions};
 use kn::probe::mask_patch;
 use serde_json::json;
 
-use common::{kn, tiny_model};
-
-const PROMPTS: [&str; 3] = [
-    "the capital of france is [MASK] .",
-    "france capital is [MASK] .",
-    "the city of france is [MASK] .",
-];
+use common::{attribute_record as record, kn, tiny_model, TINY_PROMPTS as PROMPTS};
 
 /// The BERT inside a loaded tiny model.
 fn bert(model: &kn::model::LanguageModel) -> &kn::model::BertMaskedLm {
@@ -42,25 +36,6 @@ fn load(dir: &Path) -> LoadedModel {
     let files = ModelFiles::in_directory(dir, ModelSource::Local(dir.to_path_buf()), None)
         .expect("model files");
     LoadedModel::load(files, DType::F32, &Device::Cpu).expect("load")
-}
-
-/// A `kn attribute` record with the given refined neurons.
-fn record(id: &str, relation: &str, answer: &str, refined: &[(usize, usize)]) -> String {
-    json!({
-        "id": id, "relation": relation, "answer": answer, "answer_id": 0,
-        "refined": refined.iter().map(|&(layer, index)| json!({
-            "layer": layer, "index": index, "prompts": 3, "share": 1.0, "mean_relative_score": 1.0
-        })).collect::<Vec<_>>(),
-        "prompts": PROMPTS.iter().map(|p| json!({
-            "prompt": p, "mask_position": 5, "gold_probability": 0.1, "max_score": 1.0,
-            "coarse": [], "kept": []
-        })).collect::<Vec<_>>(),
-        "model": {"source": "tiny", "weights_sha256": "0"},
-        "params": {"method": "integrated-gradients", "steps": 20, "rule": "left", "threshold": 0.2,
-                   "share": 0.7, "min_prompts": 3, "keep": 0.1},
-        "kn_version": "0.1.0"
-    })
-    .to_string()
 }
 
 /// Four facts of two relations; neuron 1:5 is shared by both P1 facts (relation-level).

@@ -17,32 +17,7 @@ use kn::model::{LoadedModel, ModelFiles, ModelSource};
 use kn::predict::{encode_prompts, mask_distributions, MaskDistribution};
 use serde_json::json;
 
-use common::{kn, tiny_model};
-
-const PROMPTS: [&str; 3] = [
-    "the capital of france is [MASK] .",
-    "france capital is [MASK] .",
-    "the city of france is [MASK] .",
-];
-
-/// A `kn attribute` record of a fact attributed on [`PROMPTS`].
-fn record(id: &str, relation: &str, answer: &str, refined: &[(usize, usize)]) -> String {
-    json!({
-        "id": id, "relation": relation, "answer": answer, "answer_id": 0,
-        "refined": refined.iter().map(|&(layer, index)| json!({
-            "layer": layer, "index": index, "prompts": 3, "share": 1.0, "mean_relative_score": 1.0
-        })).collect::<Vec<_>>(),
-        "prompts": PROMPTS.iter().map(|p| json!({
-            "prompt": p, "mask_position": 5, "gold_probability": 0.1, "max_score": 1.0,
-            "coarse": [], "kept": []
-        })).collect::<Vec<_>>(),
-        "model": {"source": "tiny", "weights_sha256": "0"},
-        "params": {"method": "integrated-gradients", "steps": 20, "rule": "left", "threshold": 0.2,
-                   "share": 0.7, "min_prompts": 3, "keep": 0.1},
-        "kn_version": "0.1.0"
-    })
-    .to_string()
-}
+use common::{attribute_record as record, kn, tiny_model, TINY_PROMPTS as PROMPTS};
 
 /// Fact a holds every neuron of the last layer, so that a strong update moves its
 /// prompts' answers whatever the random weights.

@@ -90,3 +90,35 @@ pub fn tiny_decoder(name: &str) -> PathBuf {
         .join("tests/data/decoders")
         .join(name)
 }
+
+/// Three prompts of one fact for the tiny BERT models, `[MASK]` at position 5.
+pub const TINY_PROMPTS: [&str; 3] = [
+    "the capital of france is [MASK] .",
+    "france capital is [MASK] .",
+    "the city of france is [MASK] .",
+];
+
+/// A `kn attribute` record of a fact attributed on [`TINY_PROMPTS`] with the given
+/// refined neurons (layer, index), for the edit tests.
+pub fn attribute_record(
+    id: &str,
+    relation: &str,
+    answer: &str,
+    refined: &[(usize, usize)],
+) -> String {
+    serde_json::json!({
+        "id": id, "relation": relation, "answer": answer, "answer_id": 0,
+        "refined": refined.iter().map(|&(layer, index)| serde_json::json!({
+            "layer": layer, "index": index, "prompts": 3, "share": 1.0, "mean_relative_score": 1.0
+        })).collect::<Vec<_>>(),
+        "prompts": TINY_PROMPTS.iter().map(|p| serde_json::json!({
+            "prompt": p, "mask_position": 5, "gold_probability": 0.1, "max_score": 1.0,
+            "coarse": [], "kept": []
+        })).collect::<Vec<_>>(),
+        "model": {"source": "tiny", "weights_sha256": "0"},
+        "params": {"method": "integrated-gradients", "steps": 20, "rule": "left", "threshold": 0.2,
+                   "share": 0.7, "min_prompts": 3, "keep": 0.1},
+        "kn_version": "0.1.0"
+    })
+    .to_string()
+}
