@@ -13,8 +13,8 @@ use serde::Serialize;
 use crate::attribution::record::{FactRecord, Method};
 use crate::attribution::select::RefinedNeuron;
 use crate::attribution::{model_info, AttributeOptions, Attributor, Fact};
-use crate::data::neurons::KnownFact;
-use crate::data::{stable_id_hash, JsonlWriter, LineErrors, NeuronsFile};
+use crate::attribution::neurons::{KnownFact, NeuronsFile};
+use crate::data::{stable_id_hash, JsonlWriter, LineErrors};
 use crate::edit::eval::{
     evaluate_edited, evaluate_gold_against, gold_baseline, EditedFact, EvalFact, GoldBaseline,
 };

@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::attribution::record::{FactLine, Method, ModelInfo};
 use crate::attribution::run::fact_id;
-use crate::data::neurons::{refined_neurons, KnownFact};
-use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, NeuronsFile, SeenIds};
+use crate::attribution::neurons::{refined_neurons, KnownFact, NeuronsFile};
+use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, SeenIds};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel, Neuron, NeuronOp, NeuronPatch};
 use crate::predict::{encode_prompts, mask_distributions, RunSummary};

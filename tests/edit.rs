@@ -9,7 +9,7 @@ use std::cell::RefCell;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, IndexOp, Tensor};
-use kn::data::NeuronsFile;
+use kn::attribution::NeuronsFile;
 use kn::edit::save::{revert, storage_dtype, write_edited_model, SafetensorsLayout};
 use kn::edit::{
     apply_slots, plan_erase, plan_update, EraseOptions, EraseValue, UpdateOptions, UpdateRequest,
@@ -135,7 +135,7 @@ fn probe_patch_changes_only_the_chosen_neurons_at_the_mask() {
 #[test]
 fn relation_level_neurons_are_left_out_of_updates() {
     let neurons = neurons_file();
-    let fact = kn::data::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
+    let fact = kn::attribution::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
     // P1 has two facts: 1:5 is in both (share 1.0), 0:3 and 1:20 in one (0.5).
     let own = vec![
         Neuron { layer: 0, index: 3 },
@@ -169,7 +169,7 @@ fn update_changes_exactly_the_chosen_columns_by_the_formula() {
     let dir = tiny_model(&tmp.path().join("m"), Layout::default());
     let lm = load(&dir);
     let neurons = neurons_file();
-    let fact = kn::data::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
+    let fact = kn::attribution::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
     let requests = [UpdateRequest {
         fact,
         new_answer: "rome".into(),
@@ -248,7 +248,7 @@ fn updates_skip_facts_the_model_does_not_answer() {
     let tmp = tempfile::tempdir().unwrap();
     let lm = load(&tiny_model(&tmp.path().join("m"), Layout::default()));
     let neurons = neurons_file();
-    let fact = kn::data::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
+    let fact = kn::attribution::neurons::KnownFact::from_record(neurons.get(&json!("a")).unwrap());
     let requests = [UpdateRequest {
         fact,
         new_answer: "rome".into(),
@@ -933,7 +933,7 @@ fn each_pools_the_single_edits_and_the_random_control_moves_other_neurons() {
     assert_eq!(random.control, Some(kn::probe::ControlKind::Random));
     let lm = load(&model);
     let file = neurons_file();
-    let fact = kn::data::neurons::KnownFact::from_record(file.get(&json!("a")).expect("fact a"));
+    let fact = kn::attribution::neurons::KnownFact::from_record(file.get(&json!("a")).expect("fact a"));
     let options = UpdateOptions {
         rule: UpdateRule::PAPER,
         max_relation_share: 0.5,

@@ -8,8 +8,7 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device};
-use kn::data::neurons::KnownFact;
-use kn::data::NeuronsFile;
+use kn::attribution::neurons::{KnownFact, NeuronsFile};
 use kn::edit::record::EditReport;
 use kn::edit::{apply_slots, plan_update, UpdateOptions, UpdateRequest, UpdateRule};
 use kn::model::random::Layout;

@@ -19,7 +19,8 @@ use kn::attribution::record::{FactLine, FactRecord, Method};
 use kn::attribution::refine::{reselect, Reselect};
 use kn::attribution::run::{fact_id, into_fact};
 use kn::attribution::{model_info, AttributeOptions, Attributor, Fact};
-use kn::data::{JsonlWriter, LineErrors, NeuronsFile};
+use kn::attribution::NeuronsFile;
+use kn::data::{JsonlWriter, LineErrors};
 use kn::edit::eval::{evaluate_gold, read_eval_facts, update_each};
 use kn::edit::{
     apply_slots, plan_erase, EraseOptions, EraseValue, UpdateOptions, UpdateRequest, UpdateRule,
@@ -199,7 +200,7 @@ fn findings_hold_on_smollm2() {
         .filter_map(|(f, new)| {
             let record = neurons.get(&f.id)?;
             Some(UpdateRequest {
-                fact: kn::data::neurons::KnownFact::from_record(record),
+                fact: kn::attribution::neurons::KnownFact::from_record(record),
                 new_answer: new.clone()?,
             })
         })

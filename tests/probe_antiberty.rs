@@ -12,7 +12,8 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use kn::attribution::model_info;
-use kn::data::{JsonlWriter, LineErrors, NeuronsFile};
+use kn::attribution::NeuronsFile;
+use kn::data::{JsonlWriter, LineErrors};
 use kn::model::{LoadedModel, ModelFiles, ModelSource};
 use kn::probe::{
     run_probe, ControlKind, ProbeMode, ProbeOptions, ProbeRecord, ProbeSummary, Prober,

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod ig;
 pub mod kernels;
 pub mod merge;
+pub mod neurons;
 pub mod record;
 pub mod refine;
 pub mod run;
@@ -24,6 +25,8 @@ use ig::{IgOptions, Rule};
 use record::{FactRecord, Method, ModelInfo, Params, Precision, PromptRecord};
 use select::{above, max_score, refine, split_at_threshold};
 use tensor::TensorEngine;
+
+pub use neurons::NeuronsFile;
 
 /// Everything that decides what `kn attribute` computes.
 #[derive(Debug, Clone, PartialEq)]

@@ -9,7 +9,8 @@ use clap::Args;
 use super::{claim_output, report, ModelArgs, Outcome};
 use crate::attribution::model_info;
 use crate::data::output::{write_whole, PartialFile};
-use crate::data::{JsonlInput, JsonlWriter, LineErrors, NeuronsFile};
+use crate::attribution::NeuronsFile;
+use crate::data::{JsonlInput, JsonlWriter, LineErrors};
 use crate::probe::{run_probe, ControlKind, Effect, ProbeMode, ProbeOptions, ProbeSummary, Prober};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

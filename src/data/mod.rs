@@ -2,12 +2,10 @@
 //! output safety (never over an input, one writer, whole or absent), and ParaRel's patterns and facts turned into fact JSONL.
 
 pub mod jsonl;
-pub mod neurons;
 pub mod output;
 pub mod pararel;
 
 pub use jsonl::{JsonlInput, JsonlWriter, LineErrors, SeenIds};
-pub use neurons::NeuronsFile;
 
 /// A hash of a fact id (its JSON text) that is the same on every platform and Rust
 /// version: it picks shards and seeds per-fact draws.

@@ -17,7 +17,8 @@ use super::{
 };
 use crate::attribution::record::{FactLine, ModelInfo};
 use crate::attribution::run::fact_id;
-use crate::data::{JsonlInput, LineErrors, NeuronsFile};
+use crate::attribution::NeuronsFile;
+use crate::data::{JsonlInput, LineErrors};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel};
 use crate::predict::encode_prompts;

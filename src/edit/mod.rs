@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use candle_core::{DType, IndexOp, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::neurons::{refined_neurons, KnownFact};
-use crate::data::{stable_id_hash, NeuronsFile};
+use crate::attribution::neurons::{refined_neurons, KnownFact, NeuronsFile};
+use crate::data::stable_id_hash;
 use crate::error::{Error, Result};
 use crate::model::{LanguageModel, LoadedModel, Neuron};
 use crate::predict::encode_prompts;
