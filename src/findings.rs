@@ -10,10 +10,10 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use crate::attribution::neurons::{KnownFact, NeuronsFile};
 use crate::attribution::record::{FactRecord, Method};
 use crate::attribution::select::RefinedNeuron;
 use crate::attribution::{model_info, AttributeOptions, Attributor, Fact};
-use crate::attribution::neurons::{KnownFact, NeuronsFile};
 use crate::data::{stable_id_hash, JsonlWriter, LineErrors};
 use crate::edit::eval::{
     evaluate_edited, evaluate_gold_against, gold_baseline, EditedFact, EvalFact, GoldBaseline,

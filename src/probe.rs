@@ -30,9 +30,9 @@ use std::io::Write;
 
 use serde::{Deserialize, Serialize};
 
+use crate::attribution::neurons::{refined_neurons, KnownFact, NeuronsFile};
 use crate::attribution::record::{FactLine, Method, ModelInfo};
 use crate::attribution::run::fact_id;
-use crate::attribution::neurons::{refined_neurons, KnownFact, NeuronsFile};
 use crate::data::{stable_id_hash, JsonlInput, JsonlWriter, LineErrors, SeenIds};
 use crate::error::{Error, Result};
 use crate::model::{EncodedPrompt, LoadedModel, Neuron, NeuronOp, NeuronPatch};

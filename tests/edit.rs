@@ -933,7 +933,8 @@ fn each_pools_the_single_edits_and_the_random_control_moves_other_neurons() {
     assert_eq!(random.control, Some(kn::probe::ControlKind::Random));
     let lm = load(&model);
     let file = neurons_file();
-    let fact = kn::attribution::neurons::KnownFact::from_record(file.get(&json!("a")).expect("fact a"));
+    let fact =
+        kn::attribution::neurons::KnownFact::from_record(file.get(&json!("a")).expect("fact a"));
     let options = UpdateOptions {
         rule: UpdateRule::PAPER,
         max_relation_share: 0.5,

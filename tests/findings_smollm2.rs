@@ -18,8 +18,8 @@ use candle_core::{DType, Device};
 use kn::attribution::record::{FactLine, FactRecord, Method};
 use kn::attribution::refine::{reselect, Reselect};
 use kn::attribution::run::{fact_id, into_fact};
-use kn::attribution::{model_info, AttributeOptions, Attributor, Fact};
 use kn::attribution::NeuronsFile;
+use kn::attribution::{model_info, AttributeOptions, Attributor, Fact};
 use kn::data::{JsonlWriter, LineErrors};
 use kn::edit::eval::{evaluate_gold, read_eval_facts, update_each};
 use kn::edit::{

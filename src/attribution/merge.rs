@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::record::{FactRecord, ModelInfo};
+use super::record::{comparable_params, FactRecord, ModelInfo};
+use crate::data::jsonl::{differences, Origin};
 use crate::error::{Error, Result};
-use crate::report::input::{comparable_params, differences, Origin};
 
 /// What a merge did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

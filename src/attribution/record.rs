@@ -26,6 +26,7 @@
 //! ```
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use super::ig::{Completeness, Rule};
 use super::select::{RefinedNeuron, ScoredNeuron};
@@ -273,4 +274,45 @@ pub struct FactRecord {
     pub params: Params,
     /// `kn`'s version.
     pub kn_version: String,
+}
+
+/// The parameters two shards of one run share. `kn refine --adaptive` chose the share
+/// per relation, so records of different relations legitimately differ in it.
+pub fn comparable_params(params: &Params) -> Value {
+    let mut value = serde_json::to_value(params).unwrap_or_default();
+    if params.adaptive == Some(true) {
+        if let Value::Object(map) = &mut value {
+            map.remove("share");
+        }
+    }
+    value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_records_may_differ_in_share_only() {
+        let params = |share: f64, adaptive: Option<bool>| Params {
+            precision: Default::default(),
+            method: crate::attribution::record::Method::IntegratedGradients,
+            steps: Some(20),
+            rule: None,
+            tolerance: None,
+            threshold: 0.2,
+            share,
+            min_prompts: 3,
+            keep: 0.1,
+            adaptive,
+        };
+        assert_eq!(
+            comparable_params(&params(0.7, Some(true))),
+            comparable_params(&params(0.65, Some(true)))
+        );
+        assert_ne!(
+            comparable_params(&params(0.7, None)),
+            comparable_params(&params(0.65, None))
+        );
+    }
 }

@@ -9,8 +9,8 @@ use clap::Args;
 use super::{claim_output, load_model, report, Outcome};
 use crate::attribution::model_info;
 use crate::attribution::run::fact_id;
-use crate::data::output::write_whole;
 use crate::attribution::NeuronsFile;
+use crate::data::output::write_whole;
 use crate::data::{JsonlInput, LineErrors, SeenIds};
 use crate::edit::eval::{
     build_report, encode_held_out, read_eval_facts, split_holdout, update_each_held_out,

@@ -8,8 +8,8 @@ use clap::Args;
 
 use super::{claim_output, report, ModelArgs, Outcome};
 use crate::attribution::model_info;
-use crate::data::output::{write_whole, PartialFile};
 use crate::attribution::NeuronsFile;
+use crate::data::output::{write_whole, PartialFile};
 use crate::data::{JsonlInput, JsonlWriter, LineErrors};
 use crate::probe::{run_probe, ControlKind, Effect, ProbeMode, ProbeOptions, ProbeSummary, Prober};
 

@@ -1,11 +1,16 @@
-//! JSON lines in and out. `-` means stdin or stdout.
+//! JSON lines in and out. `-` means stdin or stdout. Where a record came from
+//! ([`Origin`]) and how two records' JSON differ ([`differences`]), for the readers that
+//! merge inputs (`kn merge`, `kn report`).
 
+use std::collections::BTreeSet;
+use std::fmt;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use serde_json::Value;
 
 use crate::error::{Error, Result};
 
@@ -285,6 +290,55 @@ impl<W: Write> JsonlWriter<W> {
     }
 }
 
+/// Where a record came from: a file (`<stdin>` for `-`) and, for JSON lines, its line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The file as shown in messages.
+    pub path: PathBuf,
+    /// 1-based line of a JSONL record; `None` for a whole-file JSON input.
+    pub line: Option<usize>,
+}
+
+impl Origin {
+    /// The error for a record from here.
+    pub fn error(&self, reason: impl Into<String>) -> Error {
+        match self.line {
+            Some(line) => Error::Input {
+                path: self.path.clone(),
+                line,
+                reason: reason.into(),
+            },
+            None => Error::InputFile {
+                path: self.path.clone(),
+                reason: reason.into(),
+            },
+        }
+    }
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{line}", self.path.display()),
+            None => write!(f, "{}", self.path.display()),
+        }
+    }
+}
+
+/// The fields where two JSON values differ, as `name A here, B there`.
+pub fn differences(here: &Value, there: &Value) -> String {
+    let (Value::Object(a), Value::Object(b)) = (here, there) else {
+        return format!("{here} here, {there} there");
+    };
+    let show = |v: Option<&Value>| v.map_or_else(|| "absent".to_string(), Value::to_string);
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    keys.into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| format!("{k} {} here, {} there", show(a.get(k)), show(b.get(k))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,5 +382,30 @@ mod tests {
         seen.check(&serde_json::json!(1), 2).unwrap();
         let err = seen.check(&serde_json::json!("a"), 5).unwrap_err();
         assert!(err.contains("line 1 and on line 5"), "{err}");
+    }
+
+    #[test]
+    fn differences_name_each_field() {
+        let here = serde_json::json!({"threshold": 0.3, "share": 0.7, "steps": 20});
+        let there =
+            serde_json::json!({"threshold": 0.2, "share": 0.7, "rule": "left", "steps": 20});
+        assert_eq!(
+            differences(&here, &there),
+            "rule absent here, \"left\" there, threshold 0.3 here, 0.2 there"
+        );
+    }
+
+    #[test]
+    fn a_line_origin_makes_input_errors_and_a_file_origin_file_errors() {
+        let line = Origin {
+            path: "a.jsonl".into(),
+            line: Some(3),
+        };
+        assert_eq!(line.error("bad").to_string(), "a.jsonl:3: bad");
+        let file = Origin {
+            path: "r.json".into(),
+            line: None,
+        };
+        assert_eq!(file.error("bad").to_string(), "r.json: bad");
     }
 }

@@ -5,7 +5,7 @@ pub mod jsonl;
 pub mod output;
 pub mod pararel;
 
-pub use jsonl::{JsonlInput, JsonlWriter, LineErrors, SeenIds};
+pub use jsonl::{JsonlInput, JsonlWriter, LineErrors, Origin, SeenIds};
 
 /// A hash of a fact id (its JSON text) that is the same on every platform and Rust
 /// version: it picks shards and seeds per-fact draws.

@@ -6,53 +6,17 @@
 //! ([`crate::probe::ProbeRecord`], [`crate::edit::record::EditReport`]): one format, one
 //! definition.
 
-use std::collections::{BTreeSet, HashMap};
-use std::fmt;
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::attribution::record::{FactRecord, Method, ModelInfo, Params};
-use crate::data::JsonlInput;
+use crate::attribution::record::{comparable_params, FactRecord, Method, ModelInfo};
+use crate::data::jsonl::{differences, JsonlInput, Origin};
 pub use crate::edit::record::EditReport;
 use crate::error::{Error, Result};
 pub use crate::probe::{ControlKind, ProbeMode, ProbeRecord};
-
-/// Where a record came from: a file (`<stdin>` for `-`) and, for JSON lines, its line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    /// The file as shown in messages.
-    pub path: PathBuf,
-    /// 1-based line of a JSONL record; `None` for a whole-file JSON input.
-    pub line: Option<usize>,
-}
-
-impl Origin {
-    /// The error for a record from here.
-    pub fn error(&self, reason: impl Into<String>) -> Error {
-        match self.line {
-            Some(line) => Error::Input {
-                path: self.path.clone(),
-                line,
-                reason: reason.into(),
-            },
-            None => Error::InputFile {
-                path: self.path.clone(),
-                reason: reason.into(),
-            },
-        }
-    }
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.line {
-            Some(line) => write!(f, "{}:{line}", self.path.display()),
-            None => write!(f, "{}", self.path.display()),
-        }
-    }
-}
 
 /// A record and where it came from.
 #[derive(Debug, Clone)]
@@ -118,32 +82,6 @@ impl SameParams {
 }
 
 const ONE_RUN: &str = "a report merges only shards of one run";
-
-/// The fields where two JSON values differ, as `name A here, B there`.
-pub fn differences(here: &Value, there: &Value) -> String {
-    let (Value::Object(a), Value::Object(b)) = (here, there) else {
-        return format!("{here} here, {there} there");
-    };
-    let show = |v: Option<&Value>| v.map_or_else(|| "absent".to_string(), Value::to_string);
-    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    keys.into_iter()
-        .filter(|k| a.get(*k) != b.get(*k))
-        .map(|k| format!("{k} {} here, {} there", show(a.get(k)), show(b.get(k))))
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-/// The parameters two shards of one run share. `kn refine --adaptive` chose the share
-/// per relation, so records of different relations legitimately differ in it.
-pub fn comparable_params(params: &Params) -> Value {
-    let mut value = serde_json::to_value(params).unwrap_or_default();
-    if params.adaptive == Some(true) {
-        if let Value::Object(map) = &mut value {
-            map.remove("share");
-        }
-    }
-    value
-}
 
 /// Reads the lines of `path` as `T`; the first bad line ends the reading (a report of
 /// part of the input would be silently wrong).
@@ -334,58 +272,4 @@ pub fn read_edit_report(path: &Path, model: &mut SameModel) -> Result<Located<Ed
         origin,
         record: report,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn differences_name_each_field() {
-        let here = json!({"threshold": 0.3, "share": 0.7, "steps": 20});
-        let there = json!({"threshold": 0.2, "share": 0.7, "rule": "left", "steps": 20});
-        assert_eq!(
-            differences(&here, &there),
-            "rule absent here, \"left\" there, threshold 0.3 here, 0.2 there"
-        );
-    }
-
-    #[test]
-    fn adaptive_records_may_differ_in_share_only() {
-        let params = |share: f64, adaptive: Option<bool>| Params {
-            precision: Default::default(),
-            method: crate::attribution::record::Method::IntegratedGradients,
-            steps: Some(20),
-            rule: None,
-            tolerance: None,
-            threshold: 0.2,
-            share,
-            min_prompts: 3,
-            keep: 0.1,
-            adaptive,
-        };
-        assert_eq!(
-            comparable_params(&params(0.7, Some(true))),
-            comparable_params(&params(0.65, Some(true)))
-        );
-        assert_ne!(
-            comparable_params(&params(0.7, None)),
-            comparable_params(&params(0.65, None))
-        );
-    }
-
-    #[test]
-    fn a_line_origin_makes_input_errors_and_a_file_origin_file_errors() {
-        let line = Origin {
-            path: "a.jsonl".into(),
-            line: Some(3),
-        };
-        assert_eq!(line.error("bad").to_string(), "a.jsonl:3: bad");
-        let file = Origin {
-            path: "r.json".into(),
-            line: None,
-        };
-        assert_eq!(file.error("bad").to_string(), "r.json: bad");
-    }
 }
