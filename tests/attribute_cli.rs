@@ -73,7 +73,7 @@ fn records_hold_neurons_evidence_and_provenance() {
     let recs = records(&out);
     assert_eq!(recs.len(), 6);
     assert_eq!(recs[3].id, 4, "a fact without id is named by its line");
-    let sha = kn::model::load::sha256_file(&s.model.join("model.safetensors")).unwrap();
+    let sha = kn::model::files::sha256_file(&s.model.join("model.safetensors")).unwrap();
     for r in &recs {
         assert_eq!(r.model.weights_sha256, sha);
         assert_eq!(r.params.steps, Some(20));

@@ -226,7 +226,7 @@ fn weights_are_named_as_bert_for_masked_lm_saves_them() {
     assert_eq!(config["model_type"], "bert");
     assert_eq!(config["architectures"][0], "BertForMaskedLM");
     assert_eq!(
-        kn::model::load::sha256_file(&dir.join("model.safetensors")).unwrap(),
+        kn::model::files::sha256_file(&dir.join("model.safetensors")).unwrap(),
         training_record()["weights_sha256"].as_str().unwrap(),
         "training.json describes the committed weights"
     );

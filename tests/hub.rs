@@ -90,7 +90,7 @@ fn handle(
         None => (0, total - 1),
     };
     let body = &bytes[start..=end];
-    let etag = kn::model::load::sha256_file(&file).unwrap();
+    let etag = kn::model::files::sha256_file(&file).unwrap();
     let head = format!(
         "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {start}-{end}/{total}\r\n\
          ETag: \"{etag}\"\r\nX-Repo-Commit: {COMMIT}\r\nConnection: close\r\n\r\n",

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use crate::attribution::record::{FactLine, FactRecord};
 use crate::attribution::run::fact_id;
 use crate::error::{Error, Result};
-use crate::model::load::sha256_bytes;
+use crate::model::files::sha256_bytes;
 use crate::model::{Config, Neuron};
 
 /// A whole neurons file, indexed by fact id and relation.

@@ -24,7 +24,7 @@ use crate::edit::{
     apply_slots, plan_erase, plan_update, EditPlan, EraseOptions, EraseValue, UpdateOptions,
     UpdateRequest, UpdateRule,
 };
-use crate::model::load::sha256_bytes;
+use crate::model::files::sha256_bytes;
 use crate::model::{DeviceChoice, LoadedModel};
 use crate::predict::encode_prompts;
 
@@ -325,7 +325,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
         inputs.push(InputRecord {
             role: "eval".into(),
             path: path.display().to_string(),
-            sha256: crate::model::load::sha256_file(path)?,
+            sha256: crate::model::files::sha256_file(path)?,
         });
     }
 

@@ -25,8 +25,9 @@ use super::record::{EditsFile, SlotRecord};
 use super::SlotEdit;
 use crate::data::output::StagedDir;
 use crate::error::{Error, Result};
+use crate::model::files::sha256_file;
 use crate::model::language_model::{normalize_name, value_slot_tensor};
-use crate::model::load::{read_tensors, sha256_file, write_tensors};
+use crate::model::load::{read_tensors, write_tensors};
 use crate::model::{Architecture, LoadedModel, ModelFiles, Neuron, WeightsFile};
 
 /// The name of the edit record in an edited model directory.

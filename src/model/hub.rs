@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use hf_hub::api::sync::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
 
-use super::load::{ModelFiles, ModelSource, TokenizerFiles};
+pub use super::files::check_revision;
+use super::files::{ModelFiles, ModelSource, TokenizerFiles};
 use crate::error::{Error, Result};
 
 /// Config first, then the preferred tokenizer and weights files, falling back on the
@@ -168,30 +169,6 @@ pub fn fetch_tokenizer(repo: &str, revision: &str) -> Result<TokenizerFiles> {
 
 fn parent(path: &Path) -> PathBuf {
     path.parent().map(Path::to_path_buf).unwrap_or_default()
-}
-
-/// Whether a revision is one kn builds a cache path from: a commit hash, or a branch or
-/// tag name with no way out of its folder (no `..`, no leading or trailing `/`, no `\\`,
-/// no control characters, no empty parts).
-pub fn check_revision(revision: &str) -> std::result::Result<(), String> {
-    let bad = |why: &str| Err(format!("--revision {revision:?} {why}"));
-    if revision.is_empty() || revision.len() > 255 {
-        return bad("must be 1 to 255 characters long");
-    }
-    if revision.chars().any(|c| c.is_control() || c == '\\') {
-        return bad("holds a control character or a backslash");
-    }
-    if revision.contains("..")
-        || revision
-            .split('/')
-            .any(|part| part.is_empty() || part == ".")
-    {
-        return bad(
-            "is not a branch, tag or commit name (it holds `..`, `.` or an empty part, or \
-             starts or ends with `/`)",
-        );
-    }
-    Ok(())
 }
 
 /// Whether an ETag or commit from the hub can name a file in the cache: one path part,

@@ -5,6 +5,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod files;
 pub mod gguf;
 pub mod gpt2;
 pub mod hub;
@@ -18,8 +19,9 @@ pub mod tokenizer;
 
 pub use bert::{BertMaskedLm, FfnHook};
 pub use config::{Architecture, Config};
+pub use files::{ModelFiles, ModelSource, TokenizerFiles, WeightsFile};
 pub use language_model::LanguageModel;
-pub use load::{LoadedModel, ModelFiles, ModelSource, TokenizerFiles, WeightsFile};
+pub use load::LoadedModel;
 pub use neurons::{ActivationCapture, Neuron, NeuronOp, NeuronPatch};
 pub use tokenizer::{EncodedPrompt, MaskTokenizer};
 

@@ -11,7 +11,7 @@ use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
 use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
-use super::load::TokenizerFiles;
+use super::files::TokenizerFiles;
 use crate::error::{Error, Result};
 
 /// The placeholder users write in prompts, whatever the model's own mask token is.
