@@ -10,7 +10,7 @@ use crate::common;
 use std::path::Path;
 
 use candle_core::{DType, Device};
-use kn::attribution::engine::Engine;
+use kn::attribution::flat::Engine;
 use kn::model::{LoadedModel, ModelFiles, ModelSource};
 use kn::predict::mask_distribution;
 use serde::Deserialize;

@@ -699,7 +699,8 @@ pub fn activation_scores<F: Real>(pass: &dyn PromptPass<F>, gold: usize) -> Prom
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attribution::engine::{Engine, LayerGradients};
+    use crate::attribution::engine::LayerGradients;
+    use crate::attribution::flat::Engine;
 
     /// A pass whose device holds at most `fits` points per batch.
     struct Small<'a> {

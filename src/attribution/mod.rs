@@ -5,6 +5,7 @@
 pub mod bert;
 pub mod decoder;
 pub mod engine;
+pub mod flat;
 pub mod ig;
 pub mod kernels;
 pub mod merge;
@@ -20,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::model::tokenizer::{EncodedPrompt, MaskTokenizer};
 use crate::model::LoadedModel;
 use candle_core::DType;
-use engine::Engine;
+use flat::Engine;
 use ig::{IgOptions, Rule};
 use record::{FactRecord, Method, ModelInfo, Params, Precision, PromptRecord};
 use select::{above, max_score, refine, split_at_threshold};
@@ -56,7 +57,7 @@ pub enum EngineChoice {
     /// The tensor engine on a CUDA device, the flat engine on the CPU.
     #[default]
     Auto,
-    /// The flat engine ([`engine::Engine`]): plain buffers, kn's own CPU kernels; the
+    /// The flat engine ([`flat::Engine`]): plain buffers, kn's own CPU kernels; the
     /// faster one on a CPU.
     Flat,
     /// The tensor engine ([`tensor::TensorEngine`]): candle ops on the model's device.

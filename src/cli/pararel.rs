@@ -8,7 +8,9 @@ use clap::Args;
 
 use super::{claim_output, Outcome};
 use crate::data::output::{self, PartialFile};
-use crate::data::pararel::{convert, BundledDir, ConvertOptions, DataDir, ParaRelDirs, Summary};
+use crate::data::pararel::{
+    convert, AnswerVocab, BundledDir, ConvertOptions, DataDir, ParaRelDirs, Summary,
+};
 use crate::data::JsonlWriter;
 use crate::model::{MaskTokenizer, ModelSource, TokenizerFiles};
 
@@ -119,7 +121,7 @@ pub(super) fn run(args: PararelArgs) -> anyhow::Result<Outcome> {
     if vocab.as_ref().is_some_and(MaskTokenizer::is_causal) {
         options.object_last = true;
     }
-    let conversion = convert(&options, vocab.as_ref())?;
+    let conversion = convert(&options, vocab.as_ref().map(|v| v as &dyn AnswerVocab))?;
     if output::is_stdout(&args.out) {
         let mut out = JsonlWriter::new(std::io::stdout().lock(), "<stdout>");
         for fact in &conversion.facts {

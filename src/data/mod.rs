@@ -5,6 +5,10 @@ pub mod jsonl;
 pub mod output;
 pub mod pararel;
 
+/// The placeholder users write in prompts where the answer goes, whatever the model's
+/// own mask token is (`model::tokenizer` puts the model's in its place).
+pub const MASK_PLACEHOLDER: &str = "[MASK]";
+
 pub use jsonl::{JsonlInput, JsonlWriter, LineErrors, Origin, SeenIds};
 
 /// A hash of a fact id (its JSON text) that is the same on every platform and Rust

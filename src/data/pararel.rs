@@ -46,10 +46,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::data::JsonlInput;
+use crate::data::{JsonlInput, MASK_PLACEHOLDER};
 use crate::error::{Error, Result};
-use crate::model::tokenizer::MASK_PLACEHOLDER;
-use crate::model::MaskTokenizer;
 use crate::rng::{stable_hash, SplitMix64};
 
 /// The subject slot of a ParaRel pattern.
@@ -531,10 +529,18 @@ pub struct Conversion {
     pub summary: Summary,
 }
 
+/// What the conversion needs of a vocabulary (a model's tokenizer,
+/// `model::MaskTokenizer`): the id of an answer that must be one token.
+pub trait AnswerVocab {
+    /// The answer's token id; [`Error::Prompt`] when it is not one token (the fact is
+    /// counted and dropped), any other error ends the conversion.
+    fn answer_id(&self, answer: &str) -> Result<u32>;
+}
+
 /// Reads and checks the relations of `options`, drops what the module documentation
 /// says, and returns the facts to write. `vocab`, when given, must have each object as
 /// one token.
-pub fn convert(options: &ConvertOptions, vocab: Option<&MaskTokenizer>) -> Result<Conversion> {
+pub fn convert(options: &ConvertOptions, vocab: Option<&dyn AnswerVocab>) -> Result<Conversion> {
     let dirs = &options.dirs;
     let names = match &options.relations {
         Some(asked) => {
@@ -573,7 +579,7 @@ pub fn convert(options: &ConvertOptions, vocab: Option<&MaskTokenizer>) -> Resul
 /// Converts one relation, appending its facts to `out`.
 fn convert_relation(
     options: &ConvertOptions,
-    vocab: Option<&MaskTokenizer>,
+    vocab: Option<&dyn AnswerVocab>,
     name: &str,
     out: &mut Vec<ParaRelFact>,
 ) -> Result<RelationOutcome> {

@@ -12,10 +12,9 @@ use tokenizers::processors::bert::BertProcessing;
 use tokenizers::{AddedToken, Tokenizer};
 
 use super::files::TokenizerFiles;
+use crate::data::pararel::AnswerVocab;
+pub use crate::data::MASK_PLACEHOLDER;
 use crate::error::{Error, Result};
-
-/// The placeholder users write in prompts, whatever the model's own mask token is.
-pub const MASK_PLACEHOLDER: &str = "[MASK]";
 
 /// A prompt ready for the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,6 +384,12 @@ impl MaskTokenizer {
                 ids.iter().map(|&id| self.token(id)).collect::<Vec<_>>()
             ))),
         }
+    }
+}
+
+impl AnswerVocab for MaskTokenizer {
+    fn answer_id(&self, answer: &str) -> Result<u32> {
+        MaskTokenizer::answer_id(self, answer)
     }
 }
 

@@ -8,7 +8,8 @@ use std::sync::Mutex;
 use candle_core::{DType, Device};
 
 use super::TensorEngine;
-use crate::attribution::engine::{Engine, LayerGradients, PromptPass, PromptPasses, Request};
+use crate::attribution::engine::{LayerGradients, PromptPass, PromptPasses, Request};
+use crate::attribution::flat::Engine;
 use crate::attribution::ig::{
     integrated_gradients, integrated_gradients_of_prompts, IgOptions, PromptAttribution, Rule,
 };
