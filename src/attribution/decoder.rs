@@ -21,7 +21,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::gpt2::Gpt2;
-use crate::model::llama::{rotary_tables, Llama};
+use crate::model::llama::Llama;
+use crate::model::rope::Rope;
 
 use super::engine::{LayerGradients, PromptPass};
 use super::kernels::{
@@ -82,8 +83,8 @@ pub struct DecoderEngine<F> {
     head: Option<Vec<F>>,
     /// The FFN activation (GPT-2's GELU, or SiLU on Llama's gate).
     activation: Activation,
-    /// Base of the rotary frequencies (Llama); `None` for learned positions.
-    rope_theta: Option<f64>,
+    /// The rotary frequencies (Llama); `None` for learned positions.
+    rope: Option<Rope>,
     max_positions: usize,
     hidden: usize,
     heads: usize,
@@ -132,8 +133,8 @@ impl<F: Real> DecoderEngine<F> {
                 Some(F::from_tensor(&lm_head)?)
             },
             activation: Activation::Silu,
-            rope_theta: Some(config.rope_theta),
-            max_positions: config.max_position_embeddings,
+            rope: Some(Rope::of(&config)),
+            max_positions: config.max_prompt_tokens(),
             hidden: config.hidden_size,
             heads: config.num_attention_heads,
             kv_heads: config.num_key_value_heads,
@@ -194,8 +195,8 @@ impl<F: Real> DecoderEngine<F> {
                 Some(F::from_tensor(&lm_head)?)
             },
             activation,
-            rope_theta: None,
-            max_positions: config.max_position_embeddings,
+            rope: None,
+            max_positions: config.max_prompt_tokens(),
             hidden: h,
             heads: config.num_attention_heads,
             kv_heads: config.num_attention_heads,
@@ -252,9 +253,9 @@ impl<F: Real> DecoderEngine<F> {
 
     /// `cos`, `sin` `[S, d]` of the rotary angles (empty with learned positions).
     fn rotary(&self, seq: usize) -> (Vec<F>, Vec<F>) {
-        match self.rope_theta {
-            Some(theta) => {
-                let (cos, sin) = rotary_tables(seq, self.head_dim, theta);
+        match &self.rope {
+            Some(rope) => {
+                let (cos, sin) = rope.tables(seq);
                 (
                     cos.into_iter().map(F::of).collect(),
                     sin.into_iter().map(F::of).collect(),
@@ -346,7 +347,7 @@ impl<F: Real> DecoderEngine<F> {
         rotary: &(Vec<F>, Vec<F>),
         inverse: bool,
     ) {
-        if self.rope_theta.is_none() {
+        if self.rope.is_none() {
             return;
         }
         let d = self.head_dim;
