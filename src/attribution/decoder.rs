@@ -792,14 +792,14 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
-    use crate::model::random::{random_decoder_tensors, tiny_decoder_config};
+    use crate::model::random::{random_decoder_tensors, tiny_decoder_config, tiny_rope_configs};
     use crate::model::{FfnHook, LanguageModel};
 
     const IDS: [u32; 7] = [3, 17, 5, 22, 9, 14, 2];
     const GOLD: usize = 11;
 
     /// Tiny random decoders of every kind: Llama (grouped-query), Qwen2 (q/k/v biases),
-    /// GPT-2, tied and untied.
+    /// GPT-2, tied and untied, and Llamas with llama3, yarn and dynamic rope scaling.
     fn models() -> Vec<(String, LanguageModel)> {
         [
             ("llama", true),
@@ -811,16 +811,20 @@ mod tests {
         .into_iter()
         .map(|(kind, tied)| {
             let cfg = tiny_decoder_config(kind, 29, 16, 3, 24, tied).unwrap();
+            (format!("{kind} tied={tied}"), cfg)
+        })
+        .chain(tiny_rope_configs(29, 16, 3, 24).unwrap())
+        .map(|(name, cfg)| {
             let tensors = random_decoder_tensors(&cfg, 7, 0.5).unwrap();
             let model = LanguageModel::from_tensors(
                 tensors,
                 &cfg,
                 DType::F64,
                 &Device::Cpu,
-                Path::new(kind),
+                Path::new(&name),
             )
             .unwrap();
-            (format!("{kind} tied={tied}"), model)
+            (name, model)
         })
         .collect()
     }
