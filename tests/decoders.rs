@@ -357,7 +357,12 @@ fn rope_scaled_decoders_equal_transformers() {
     let names: Vec<&str> = golden.models.keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["llama-dynamic", "llama-linear", "llama-yarn", "llama3-scaled"]
+        [
+            "llama-dynamic",
+            "llama-linear",
+            "llama-yarn",
+            "llama3-scaled"
+        ]
     );
     let mut largest = [0f64; 2];
     for (name, model) in &golden.models {
@@ -368,7 +373,10 @@ fn rope_scaled_decoders_equal_transformers() {
             let lm = LoadedModel::load(ModelFiles::locate(&source).unwrap(), dtype, &Device::Cpu)
                 .unwrap();
             let scaling = lm.config.rope_scaling.clone().expect("rope_scaling read");
-            assert!(name.contains(scaling.name().trim_end_matches('3')), "{name}");
+            assert!(
+                name.contains(scaling.name().trim_end_matches('3')),
+                "{name}"
+            );
             let tolerance = [&RANDOM, &ROPE_F64][which];
             let mut unscaled = lm.model.clone();
             if let LanguageModel::Llama(m) = &mut unscaled {
@@ -440,4 +448,51 @@ fn rope_scaled_decoders_equal_transformers() {
         "largest error: f32 {:.3}, f64 {:.3} of the tolerance",
         largest[0], largest[1]
     );
+}
+
+/// A Mistral checkpoint with a sliding window (llama-untied's files as `mistral` with
+/// `sliding_window` = the longest golden prompt): prompts no longer than the window are
+/// exact (llama-untied's golden distributions), a longer one is refused by predict and
+/// attribute, naming the window.
+#[test]
+fn sliding_window_prompts_are_exact_or_refused() {
+    use kn::attribution::record::Method;
+    use kn::attribution::{AttributeOptions, Attributor, Fact};
+    let golden: RandomGolden = golden("decoder_random_models.json");
+    let untied = &golden.models["llama-untied"];
+    let window = untied.prompts.iter().map(|p| p.ids.len()).max().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mistral");
+    common::copy_dir(&common::tiny_decoder("llama-untied"), &dir);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = window.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let lm = load(&dir);
+    assert_eq!(lm.config.sliding_window, Some(window));
+    for prompt in &untied.prompts {
+        let dist = mask_distribution(&lm, &format!("{} [MASK]", prompt.text), &()).unwrap();
+        let (ratio, at) = worst(&dist.probabilities, &prompt.probabilities, &RANDOM);
+        assert!(ratio <= 1.0, "{:?}: at id {at}", prompt.text);
+    }
+    let long = "The capital of France is Paris, and the capital of Japan is [MASK].";
+    let err = mask_distribution(&lm, long, &()).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "sliding attention window of {window} tokens (sliding_window)"
+        )),
+        "{err}"
+    );
+    let attributor =
+        Attributor::new(lm, AttributeOptions::paper(Method::IntegratedGradients)).unwrap();
+    let record = attributor.attribute(&Fact {
+        id: "long".to_string().into(),
+        relation: None,
+        answer: "capital".into(),
+        prompts: vec![long.into(), long.into(), long.into()],
+    });
+    let err = format!("{:?}", record.err().expect("refused"));
+    assert!(err.contains("sliding attention window"), "{err}");
 }

@@ -69,7 +69,9 @@ def exact_float64(model):
     transformers 4.47.1 silently computes two things in float32 even in a float64
     model: LlamaRMSNorm/Qwen2RMSNorm upcast to float32 (`.to(torch.float32)`), and the
     rotary embedding computes inv_freq and the angles in float32.  Both are replaced
-    here by float64 versions (for float64 inputs; float32 inputs are unchanged);
+    here by float64 versions (for float64 inputs; float32 inputs are unchanged); a
+    scaled rotary embedding (rope_type other than default) by `scaled_rope_forward`,
+    transformers' own rope functions run in float64;
     without this a central finite difference disagrees with autograd by tens of per
     cent.  Attention is forced to SDPA (the eager path also softmaxes in float32).
     Returns (RMSNorm modules patched, rotary-embedding modules patched).

@@ -672,30 +672,58 @@ mod tests {
                 original_max_position_embeddings: 8192
             })
         );
-        assert_eq!((llama.sliding_window, llama.max_prompt_tokens()), (None, 64));
+        assert_eq!(
+            (llama.sliding_window, llama.max_prompt_tokens()),
+            (None, 64)
+        );
         let dynamic = base(serde_json::json!({"model_type": "llama",
             "rope_scaling": {"type": "dynamic", "factor": 2.0}}));
         assert_eq!(dynamic.max_prompt_tokens(), 128);
         // Mistral: 4096 when absent, none when null.
         let windows = [
             (serde_json::json!({"model_type": "mistral"}), Some(4096)),
-            (serde_json::json!({"model_type": "mistral", "sliding_window": null}), None),
-            (serde_json::json!({"model_type": "mistral", "sliding_window": 32}), Some(32)),
-            (serde_json::json!({"model_type": "llama", "sliding_window": 32}), None),
-            (serde_json::json!({"model_type": "qwen2", "sliding_window": 32}), None),
+            (
+                serde_json::json!({"model_type": "mistral", "sliding_window": null}),
+                None,
+            ),
+            (
+                serde_json::json!({"model_type": "mistral", "sliding_window": 32}),
+                Some(32),
+            ),
+            (
+                serde_json::json!({"model_type": "llama", "sliding_window": 32}),
+                None,
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2", "sliding_window": 32}),
+                None,
+            ),
             // Qwen2: the first max_window_layers layers attend fully (default 28).
-            (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
-                                "sliding_window": 32}), None),
-            (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
-                                "sliding_window": 32, "max_window_layers": 1}), Some(32)),
-            (serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
+            (
+                serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
+                                "sliding_window": 32}),
+                None,
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
+                                "sliding_window": 32, "max_window_layers": 1}),
+                Some(32),
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
                                 "sliding_window": 32,
-                                "layer_types": ["full_attention", "sliding_attention"]}), Some(32)),
+                                "layer_types": ["full_attention", "sliding_attention"]}),
+                Some(32),
+            ),
         ];
         for (extra, window) in windows {
             let config = base(extra.clone());
             assert_eq!(config.sliding_window, window, "{extra}");
-            assert_eq!(Config::from_json(&config.to_json()).unwrap(), config, "{extra}");
+            assert_eq!(
+                Config::from_json(&config.to_json()).unwrap(),
+                config,
+                "{extra}"
+            );
         }
         let mistral = base(serde_json::json!({"model_type": "mistral", "sliding_window": 32}));
         assert_eq!(mistral.max_prompt_tokens(), 32);
@@ -723,7 +751,10 @@ mod tests {
                 .contains("\"falcon\"")
         );
         for (scaling, name) in [
-            (serde_json::json!({"rope_type": "longrope", "factor": 8.0}), "\"longrope\""),
+            (
+                serde_json::json!({"rope_type": "longrope", "factor": 8.0}),
+                "\"longrope\"",
+            ),
             (serde_json::json!({"type": "su", "factor": 8.0}), "\"su\""),
         ] {
             let err = refused(serde_json::json!({
@@ -732,7 +763,9 @@ mod tests {
                 "rope_scaling": scaling
             }));
             assert!(
-                err.contains(&format!("rope_scaling type {name} in config.json is not supported")),
+                err.contains(&format!(
+                    "rope_scaling type {name} in config.json is not supported"
+                )),
                 "{err}"
             );
         }

@@ -905,7 +905,9 @@ impl Hparams {
                 ))),
                 _ => Ok(None),
             },
-            "linear" => Ok(Some(json!({"rope_type": "linear", "factor": positive_factor()?}))),
+            "linear" => Ok(Some(
+                json!({"rope_type": "linear", "factor": positive_factor()?}),
+            )),
             "yarn" => {
                 for tuning in ["attn_factor", "yarn_log_multiplier", "yarn_ext_factor"] {
                     if meta.f64_opt(&key(tuning))?.is_some() {

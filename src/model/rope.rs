@@ -83,13 +83,9 @@ fn number(object: &serde_json::Map<String, Value>, key: &str) -> Result<Option<f
 }
 
 /// A positive number field that must be present.
-fn required(
-    object: &serde_json::Map<String, Value>,
-    kind: &str,
-    key: &str,
-) -> Result<f64, String> {
-    let x = number(object, key)?
-        .ok_or_else(|| format!("rope_scaling of type {kind:?} needs {key}"))?;
+fn required(object: &serde_json::Map<String, Value>, kind: &str, key: &str) -> Result<f64, String> {
+    let x =
+        number(object, key)?.ok_or_else(|| format!("rope_scaling of type {kind:?} needs {key}"))?;
     if x > 0.0 {
         Ok(x)
     } else {
@@ -102,7 +98,9 @@ fn length(object: &serde_json::Map<String, Value>, key: &str) -> Result<Option<u
     match number(object, key)? {
         None => Ok(None),
         Some(x) if x >= 1.0 && x.fract() == 0.0 && x <= (1u64 << 40) as f64 => Ok(Some(x as usize)),
-        Some(x) => Err(format!("rope_scaling.{key} {x} is not a positive whole number")),
+        Some(x) => Err(format!(
+            "rope_scaling.{key} {x} is not a positive whole number"
+        )),
     }
 }
 
@@ -129,7 +127,9 @@ impl RopeScaling {
             "yarn" => {
                 // transformers: `beta_fast or 32`, `beta_slow or 1` (0 means the default).
                 let beta = |key: &str, default: f64| -> Result<f64, String> {
-                    Ok(number(object, key)?.filter(|&b| b != 0.0).unwrap_or(default))
+                    Ok(number(object, key)?
+                        .filter(|&b| b != 0.0)
+                        .unwrap_or(default))
                 };
                 Self::Yarn {
                     factor: factor()?,
@@ -242,10 +242,9 @@ impl RopeScaling {
     /// except with `dynamic`, whose point is to run past it (up to `factor` times).
     pub fn max_tokens(&self, max_position_embeddings: usize) -> usize {
         match self {
-            Self::Dynamic { factor } => {
-                ((max_position_embeddings as f64 * factor).floor() as usize)
-                    .max(max_position_embeddings)
-            }
+            Self::Dynamic { factor } => ((max_position_embeddings as f64 * factor).floor()
+                as usize)
+                .max(max_position_embeddings),
             _ => max_position_embeddings,
         }
     }
@@ -293,15 +292,15 @@ impl Rope {
             return (plain(self.theta), 1.0);
         };
         match *scaling {
-            RopeScaling::Linear { factor } => {
-                (plain(self.theta).into_iter().map(|f| f / factor).collect(), 1.0)
-            }
+            RopeScaling::Linear { factor } => (
+                plain(self.theta).into_iter().map(|f| f / factor).collect(),
+                1.0,
+            ),
             RopeScaling::Dynamic { factor } => {
                 let max = self.max_position_embeddings as f64;
                 let seq = (seq as f64).max(max);
                 let d = dim as f64;
-                let base =
-                    self.theta * ((factor * seq / max) - (factor - 1.0)).powf(d / (d - 2.0));
+                let base = self.theta * ((factor * seq / max) - (factor - 1.0)).powf(d / (d - 2.0));
                 (plain(base), 1.0)
             }
             RopeScaling::Yarn {
@@ -346,7 +345,8 @@ impl Rope {
                 let inv = (0..dim / 2)
                     .map(|i| {
                         let pos_freq = base.powf((2 * i) as f64 / d);
-                        let (extrapolation, interpolation) = (1.0 / pos_freq, 1.0 / (factor * pos_freq));
+                        let (extrapolation, interpolation) =
+                            (1.0 / pos_freq, 1.0 / (factor * pos_freq));
                         let ramp = ((i as f64 - low) / (high - low)).clamp(0.0, 1.0);
                         let extrapolation_factor = 1.0 - ramp;
                         interpolation * (1.0 - extrapolation_factor)
@@ -434,16 +434,235 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn transformers_cases() -> Vec<(&'static str, usize, f64, usize, Value, usize, f64, Vec<f64>)> {
         vec![
-            ("default", 16, 10000.0, 64, json!(null), 1, 1.0, vec![1.0, 0.31622776601683794, 0.1, 0.03162277660168379, 0.01, 0.003162277660168379, 0.001, 0.00031622776601683794]),
-            ("linear", 16, 10000.0, 64, json!({"rope_type": "linear", "factor": 4.0}), 1, 1.0, vec![0.25, 0.07905694150420949, 0.025, 0.007905694150420948, 0.0025, 0.0007905694150420947, 0.00025, 7.905694150420948e-05]),
-            ("linear_legacy_type", 16, 10000.0, 64, json!({"type": "linear", "factor": 2.5}), 1, 1.0, vec![0.4, 0.12649110640673517, 0.04, 0.012649110640673516, 0.004, 0.0012649110640673515, 0.0004, 0.00012649110640673518]),
-            ("dynamic_short", 16, 10000.0, 16, json!({"rope_type": "dynamic", "factor": 4.0}), 12, 1.0, vec![1.0, 0.31622776601683794, 0.1, 0.03162277660168379, 0.01, 0.003162277660168379, 0.001, 0.00031622776601683794]),
-            ("dynamic_long", 16, 10000.0, 16, json!({"rope_type": "dynamic", "factor": 4.0}), 40, 1.0, vec![1.0, 0.2394813560059838, 0.05735131987446476, 0.013734571852269752, 0.003289173891343177, 0.0007876958236383426, 0.00018863846396516057, 4.517539514526257e-05]),
-            ("yarn", 16, 10000.0, 64, json!({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16}), 1, 1.2079441541679836, vec![1.0, 0.03952847075210474, 0.0125, 0.003952847075210474, 0.00125, 0.00039528470752104737, 0.000125, 3.952847075210474e-05]),
-            ("yarn_options", 16, 10000.0, 64, json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": false}), 1, 1.0648216253695715, vec![1.0, 0.14849024701094485, 0.025, 0.007905694150420948, 0.0025, 0.0007905694150420947, 0.00025, 7.905694150420948e-05]),
-            ("yarn_attention_factor", 64, 1000000.0, 131072, json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "attention_factor": 1.25}), 1, 1.25, vec![1.0, 0.6493816315762113, 0.4216965034285823, 0.27384196342643613, 0.17782794100389226, 0.1154781984689458, 0.07498942093324558, 0.04869675251658631, 0.03162277660168379, 0.02053525026457146, 0.01333521432163324, 0.008659643233600653, 0.005154795480911533, 0.003043117727123648, 0.0017785302792462413, 0.0010266176840396614, 0.0005833333333333333, 0.0003246908157881056, 0.00017570687642857595, 9.128065447547873e-05, 4.445698525097307e-05, 2.8869549617236455e-05, 1.8747355233311396e-05, 1.2174188129146578e-05, 7.905694150420949e-06, 5.133812566142866e-06, 3.33380358040831e-06, 2.1649108084001634e-06, 1.4058533129758728e-06, 9.129353181370943e-07, 5.928434264154138e-07, 3.84981631514873e-07]),
-            ("llama3_tiny", 8, 10000.0, 64, json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}), 1, 1.0, vec![0.5306338726414592, 0.003125, 0.0003125, 3.125e-05]),
-            ("llama3_2", 64, 500000.0, 131072, json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}), 1, 1.0, vec![1.0, 0.6636012376960885, 0.44036660267178046, 0.2922278225730151, 0.19392274474868576, 0.12868737343265052, 0.08539710028576561, 0.056669621445291044, 0.03760603093086393, 0.024955408670558694, 0.016560440080994446, 0.010989528534539826, 0.0072926647372171085, 0.004839421345719893, 0.0032114459947525913, 0.0012905479282092638, 0.00042955679655936815, 9.70828780262767e-05, 1.9461638184831125e-05, 1.291476718704739e-05, 8.570255489881478e-06, 5.687232150457046e-06, 3.7740542941082826e-06, 2.5044671007024935e-06, 1.661967467795309e-06, 1.102883668639601e-06, 7.318749675440419e-07, 4.856731343010108e-07, 3.2229329303788936e-07, 2.138742281610915e-07, 1.4192720251899592e-07, 9.418306725434909e-08]),
+            (
+                "default",
+                16,
+                10000.0,
+                64,
+                json!(null),
+                1,
+                1.0,
+                vec![
+                    1.0,
+                    0.31622776601683794,
+                    0.1,
+                    0.03162277660168379,
+                    0.01,
+                    0.003162277660168379,
+                    0.001,
+                    0.00031622776601683794,
+                ],
+            ),
+            (
+                "linear",
+                16,
+                10000.0,
+                64,
+                json!({"rope_type": "linear", "factor": 4.0}),
+                1,
+                1.0,
+                vec![
+                    0.25,
+                    0.07905694150420949,
+                    0.025,
+                    0.007905694150420948,
+                    0.0025,
+                    0.0007905694150420947,
+                    0.00025,
+                    7.905694150420948e-05,
+                ],
+            ),
+            (
+                "linear_legacy_type",
+                16,
+                10000.0,
+                64,
+                json!({"type": "linear", "factor": 2.5}),
+                1,
+                1.0,
+                vec![
+                    0.4,
+                    0.12649110640673517,
+                    0.04,
+                    0.012649110640673516,
+                    0.004,
+                    0.0012649110640673515,
+                    0.0004,
+                    0.00012649110640673518,
+                ],
+            ),
+            (
+                "dynamic_short",
+                16,
+                10000.0,
+                16,
+                json!({"rope_type": "dynamic", "factor": 4.0}),
+                12,
+                1.0,
+                vec![
+                    1.0,
+                    0.31622776601683794,
+                    0.1,
+                    0.03162277660168379,
+                    0.01,
+                    0.003162277660168379,
+                    0.001,
+                    0.00031622776601683794,
+                ],
+            ),
+            (
+                "dynamic_long",
+                16,
+                10000.0,
+                16,
+                json!({"rope_type": "dynamic", "factor": 4.0}),
+                40,
+                1.0,
+                vec![
+                    1.0,
+                    0.2394813560059838,
+                    0.05735131987446476,
+                    0.013734571852269752,
+                    0.003289173891343177,
+                    0.0007876958236383426,
+                    0.00018863846396516057,
+                    4.517539514526257e-05,
+                ],
+            ),
+            (
+                "yarn",
+                16,
+                10000.0,
+                64,
+                json!({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16}),
+                1,
+                1.2079441541679836,
+                vec![
+                    1.0,
+                    0.03952847075210474,
+                    0.0125,
+                    0.003952847075210474,
+                    0.00125,
+                    0.00039528470752104737,
+                    0.000125,
+                    3.952847075210474e-05,
+                ],
+            ),
+            (
+                "yarn_options",
+                16,
+                10000.0,
+                64,
+                json!({"rope_type": "yarn", "factor": 4.0, "beta_fast": 16.0, "beta_slow": 2.0, "mscale": 1.0, "mscale_all_dim": 0.5, "truncate": false}),
+                1,
+                1.0648216253695715,
+                vec![
+                    1.0,
+                    0.14849024701094485,
+                    0.025,
+                    0.007905694150420948,
+                    0.0025,
+                    0.0007905694150420947,
+                    0.00025,
+                    7.905694150420948e-05,
+                ],
+            ),
+            (
+                "yarn_attention_factor",
+                64,
+                1000000.0,
+                131072,
+                json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "attention_factor": 1.25}),
+                1,
+                1.25,
+                vec![
+                    1.0,
+                    0.6493816315762113,
+                    0.4216965034285823,
+                    0.27384196342643613,
+                    0.17782794100389226,
+                    0.1154781984689458,
+                    0.07498942093324558,
+                    0.04869675251658631,
+                    0.03162277660168379,
+                    0.02053525026457146,
+                    0.01333521432163324,
+                    0.008659643233600653,
+                    0.005154795480911533,
+                    0.003043117727123648,
+                    0.0017785302792462413,
+                    0.0010266176840396614,
+                    0.0005833333333333333,
+                    0.0003246908157881056,
+                    0.00017570687642857595,
+                    9.128065447547873e-05,
+                    4.445698525097307e-05,
+                    2.8869549617236455e-05,
+                    1.8747355233311396e-05,
+                    1.2174188129146578e-05,
+                    7.905694150420949e-06,
+                    5.133812566142866e-06,
+                    3.33380358040831e-06,
+                    2.1649108084001634e-06,
+                    1.4058533129758728e-06,
+                    9.129353181370943e-07,
+                    5.928434264154138e-07,
+                    3.84981631514873e-07,
+                ],
+            ),
+            (
+                "llama3_tiny",
+                8,
+                10000.0,
+                64,
+                json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+                1,
+                1.0,
+                vec![0.5306338726414592, 0.003125, 0.0003125, 3.125e-05],
+            ),
+            (
+                "llama3_2",
+                64,
+                500000.0,
+                131072,
+                json!({"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+                1,
+                1.0,
+                vec![
+                    1.0,
+                    0.6636012376960885,
+                    0.44036660267178046,
+                    0.2922278225730151,
+                    0.19392274474868576,
+                    0.12868737343265052,
+                    0.08539710028576561,
+                    0.056669621445291044,
+                    0.03760603093086393,
+                    0.024955408670558694,
+                    0.016560440080994446,
+                    0.010989528534539826,
+                    0.0072926647372171085,
+                    0.004839421345719893,
+                    0.0032114459947525913,
+                    0.0012905479282092638,
+                    0.00042955679655936815,
+                    9.70828780262767e-05,
+                    1.9461638184831125e-05,
+                    1.291476718704739e-05,
+                    8.570255489881478e-06,
+                    5.687232150457046e-06,
+                    3.7740542941082826e-06,
+                    2.5044671007024935e-06,
+                    1.661967467795309e-06,
+                    1.102883668639601e-06,
+                    7.318749675440419e-07,
+                    4.856731343010108e-07,
+                    3.2229329303788936e-07,
+                    2.138742281610915e-07,
+                    1.4192720251899592e-07,
+                    9.418306725434909e-08,
+                ],
+            ),
         ]
     }
 
@@ -456,13 +675,22 @@ mod tests {
             let rope = rope(scaling, head_dim, theta, max);
             let (inv, factor) = rope.inverse_frequencies(seq);
             assert_close(name, &inv, &want);
-            assert!((factor - attention).abs() <= 1e-15, "{name}: {factor} vs {attention}");
+            assert!(
+                (factor - attention).abs() <= 1e-15,
+                "{name}: {factor} vs {attention}"
+            );
             let (cos, sin) = rope.tables(seq.max(3));
             let (p, i, d) = (2, head_dim / 2 - 1, head_dim);
             for j in [i, i + d / 2] {
                 let angle = p as f64 * want[i];
-                assert!((cos[p * d + j] - angle.cos() * attention).abs() < 1e-14, "{name}");
-                assert!((sin[p * d + j] - angle.sin() * attention).abs() < 1e-14, "{name}");
+                assert!(
+                    (cos[p * d + j] - angle.cos() * attention).abs() < 1e-14,
+                    "{name}"
+                );
+                assert!(
+                    (sin[p * d + j] - angle.sin() * attention).abs() < 1e-14,
+                    "{name}"
+                );
             }
         }
     }
@@ -485,10 +713,19 @@ mod tests {
             assert_eq!(again, Some(parsed));
         }
         for (scaling, wanted) in [
-            (json!({"rope_type": "longrope", "factor": 4.0}), "\"longrope\" in config.json"),
-            (json!({"type": "su", "factor": 4.0}), "\"su\" in config.json"),
+            (
+                json!({"rope_type": "longrope", "factor": 4.0}),
+                "\"longrope\" in config.json",
+            ),
+            (
+                json!({"type": "su", "factor": 4.0}),
+                "\"su\" in config.json",
+            ),
             (json!({"type": "linear"}), "needs factor"),
-            (json!({"rope_type": "dynamic", "factor": -2}), "must be positive"),
+            (
+                json!({"rope_type": "dynamic", "factor": -2}),
+                "must be positive",
+            ),
             (json!({"factor": 2.0}), "no rope_type"),
             (
                 json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,

@@ -15,8 +15,8 @@ use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::gpt2::Gpt2;
 use crate::model::llama::Llama;
-use crate::model::rope::Rope;
 use crate::model::nn::most_negative;
+use crate::model::rope::Rope;
 
 use super::ops::{
     activate, cat_along, cat_rows, device_name, gold_probability_gradient, host, layer_results,
