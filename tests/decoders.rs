@@ -493,6 +493,6 @@ fn sliding_window_prompts_are_exact_or_refused() {
         answer: "capital".into(),
         prompts: vec![long.into(), long.into(), long.into()],
     });
-    let err = format!("{:?}", record.err().expect("refused"));
+    let err = format!("{:?}", record.map(|_| ()).expect_err("refused"));
     assert!(err.contains("sliding attention window"), "{err}");
 }
