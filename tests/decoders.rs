@@ -442,6 +442,25 @@ fn rope_scaled_decoders_equal_transformers() {
                     assert!(off > 1e-3, "{name}: unscaled off by only {off:e}");
                 }
             }
+            // All prompts in one right-padded batch (kn predict's batches): each row as
+            // alone (dynamic: the frequencies of the row's own length).
+            let encoded: Vec<_> = model
+                .prompts
+                .iter()
+                .map(|p| {
+                    let cloze = format!("{} [MASK]", p.text);
+                    lm.tokenizer.encode_prompt(&cloze).unwrap()
+                })
+                .collect();
+            let batch = kn::predict::mask_distributions(&lm, &encoded, &()).unwrap();
+            for (dist, prompt) in batch.iter().zip(&model.prompts) {
+                let (ratio, at) = worst(&dist.probabilities, &prompt.probabilities, &RANDOM);
+                assert!(
+                    ratio <= 1.0,
+                    "{name} {dtype:?} batched {:?}: id {at}",
+                    prompt.text
+                );
+            }
         }
     }
     eprintln!(

@@ -186,11 +186,30 @@ impl Llama {
         let (dtype, device) = (self.embed_tokens.dtype(), self.embed_tokens.device());
         let bias = causal_bias(keep, batch, seq, dtype, device)?;
         let d = self.config.head_dim();
-        let (cos, sin) = Rope::of(&self.config).tables(seq);
-        let table = |t: Vec<f64>| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(t, (1, 1, seq, d), device)?.to_dtype(dtype)
+        let rope = Rope::of(&self.config);
+        let table = |t: Vec<f64>, rows: usize| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(t, (rows, 1, seq, d), device)?.to_dtype(dtype)
         };
-        let (cos, sin) = (table(cos)?, table(sin)?);
+        let dynamic = rope.scaling.as_ref().is_some_and(|s| s.depends_on_length());
+        let (cos, sin) = match keep {
+            // `dynamic` frequencies depend on the length: each right-padded row gets
+            // those of its own tokens, as when it runs alone.
+            Some(keep) if dynamic => {
+                let keep: Vec<u32> = keep.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+                let (mut cos, mut sin) = (Vec::new(), Vec::new());
+                for row in keep.chunks(seq) {
+                    let length = row.iter().filter(|&&k| k != 0).count();
+                    let (c, s) = rope.tables_of(length, seq);
+                    cos.extend(c);
+                    sin.extend(s);
+                }
+                (table(cos, batch)?, table(sin, batch)?)
+            }
+            _ => {
+                let (cos, sin) = rope.tables(seq);
+                (table(cos, 1)?, table(sin, 1)?)
+            }
+        };
         let mut x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?

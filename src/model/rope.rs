@@ -238,6 +238,11 @@ impl RopeScaling {
         }
     }
 
+    /// Whether the frequencies depend on the sequence's length (`dynamic`).
+    pub fn depends_on_length(&self) -> bool {
+        matches!(self, Self::Dynamic { .. })
+    }
+
     /// The longest prompt, in tokens, for a model of `max_position_embeddings`: that,
     /// except with `dynamic`, whose point is to run past it (up to `factor` times).
     pub fn max_tokens(&self, max_position_embeddings: usize) -> usize {
@@ -388,9 +393,17 @@ impl Rope {
     /// concatenated), times the attention factor. Computed in f64 for the positions
     /// asked for only (no table of every position).
     pub fn tables(&self, seq: usize) -> (Vec<f64>, Vec<f64>) {
+        self.tables_of(seq, seq)
+    }
+
+    /// [`Rope::tables`] of positions `0..positions` with the frequencies of a sequence
+    /// of `seq` tokens: a right-padded row of `seq` real tokens in a batch of
+    /// `positions` (only `dynamic` depends on `seq`).
+    pub fn tables_of(&self, seq: usize, positions: usize) -> (Vec<f64>, Vec<f64>) {
         let d = self.head_dim;
         let half = d / 2;
         let (inv_freq, scale) = self.inverse_frequencies(seq);
+        let seq = positions;
         let mut cos = vec![0f64; seq * d];
         let mut sin = vec![0f64; seq * d];
         for p in 0..seq {
