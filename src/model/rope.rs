@@ -403,10 +403,9 @@ impl Rope {
         let d = self.head_dim;
         let half = d / 2;
         let (inv_freq, scale) = self.inverse_frequencies(seq);
-        let seq = positions;
-        let mut cos = vec![0f64; seq * d];
-        let mut sin = vec![0f64; seq * d];
-        for p in 0..seq {
+        let mut cos = vec![0f64; positions * d];
+        let mut sin = vec![0f64; positions * d];
+        for p in 0..positions {
             for (i, f) in inv_freq.iter().enumerate() {
                 let angle = p as f64 * f;
                 for j in [i, i + half] {
@@ -754,6 +753,23 @@ mod tests {
             let err = RopeScaling::from_json(Some(&scaling)).unwrap_err();
             assert!(err.contains(wanted), "{scaling}: {err}");
         }
+    }
+
+    /// A padded row's tables: its own length's frequencies (dynamic), every position.
+    #[test]
+    fn tables_of_a_padded_row_use_its_own_length() {
+        let dynamic = rope(
+            json!({"rope_type": "dynamic", "factor": 4.0}),
+            16,
+            10000.0,
+            16,
+        );
+        let (alone, _) = dynamic.tables(12);
+        let (padded, _) = dynamic.tables_of(12, 40);
+        assert_eq!(padded.len(), 40 * 16);
+        assert_eq!(&padded[..12 * 16], &alone[..]);
+        let (long, _) = dynamic.tables(40);
+        assert_ne!(&long[..12 * 16], &alone[..], "40 tokens: another base");
     }
 
     /// `dynamic` takes prompts up to factor × max_position_embeddings; the others up to
