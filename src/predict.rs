@@ -138,13 +138,9 @@ pub fn mask_distribution(
     hook: &dyn FfnHook,
 ) -> Result<MaskDistribution> {
     let encoded = lm.tokenizer.encode_prompt(prompt)?;
-    let max = lm.config.max_position_embeddings;
-    if encoded.ids.len() > max {
-        return Err(Error::Prompt(format!(
-            "prompt is {} tokens long; the model takes at most {max}",
-            encoded.ids.len()
-        )));
-    }
+    lm.config
+        .check_prompt_tokens(encoded.ids.len())
+        .map_err(Error::Prompt)?;
     let ids = Tensor::new(encoded.ids.as_slice(), lm.model.device())?.unsqueeze(0)?;
     let probs = lm
         .model
@@ -185,12 +181,7 @@ pub fn mask_distributions(
     let Some(seq) = prompts.iter().map(|p| p.ids.len()).max() else {
         return Ok(Vec::new());
     };
-    let max = lm.config.max_position_embeddings;
-    if seq > max {
-        return Err(Error::Prompt(format!(
-            "prompt is {seq} tokens long; the model takes at most {max}"
-        )));
-    }
+    lm.config.check_prompt_tokens(seq).map_err(Error::Prompt)?;
     let batch = prompts.len();
     let mut ids = vec![0u32; batch * seq];
     let mut keep = vec![0u32; batch * seq];
@@ -265,7 +256,6 @@ pub fn run_predict<W: Write>(
     let mut errors = LineErrors::new(options.fail_fast, report);
     let mut lines = input;
     let mut pending: Vec<Pending> = Vec::new();
-    let max = lm.config.max_position_embeddings;
     while let Some((line, record)) = lines.next_record::<PromptLine>(&mut errors)? {
         let answer = record.answer.clone();
         let id = record.id.clone();
@@ -290,10 +280,11 @@ pub fn run_predict<W: Write>(
         for (prompt_index, prompt) in prompts.into_iter().enumerate() {
             // Checked one by one, so that a bad prompt never fails its batch.
             let encoded = match lm.tokenizer.encode_prompt(&prompt) {
-                Ok(e) if e.ids.len() > max => Err(Error::Prompt(format!(
-                    "prompt is {} tokens long; the model takes at most {max}",
-                    e.ids.len()
-                ))),
+                Ok(e) => lm
+                    .config
+                    .check_prompt_tokens(e.ids.len())
+                    .map(|()| e)
+                    .map_err(Error::Prompt),
                 other => other,
             };
             let encoded = match encoded {

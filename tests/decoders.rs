@@ -336,3 +336,182 @@ fn smollm2_attribution_against_pytorch(
         assert_eq!(refined, want, "{precision:?} {}: refined set", fact.id);
     }
 }
+
+/// f64 against transformers' float64 (same weights, same rope): rounding only.
+const ROPE_F64: Tolerance = Tolerance {
+    rel: 1e-10,
+    floor: 1e-4,
+};
+
+/// The tiny random Llamas with rotary scaling (scripts/golden/decoder_rope_models.py:
+/// `llama3` with Llama 3.2's factors, `yarn`, `dynamic` NTK past max_position_embeddings,
+/// `linear`), on prompts of 10 to 57 tokens (past every original context): the same
+/// token ids as transformers, every probability within [`RANDOM`] in f32 and within
+/// [`ROPE_F64`] in f64, through the candle forward and the attribution engine. Without
+/// its scaling each model's long prompts are off by far more: the scaling is what the
+/// golden tests.
+#[test]
+fn rope_scaled_decoders_equal_transformers() {
+    use kn::model::LanguageModel;
+    let golden: RandomGolden = golden("decoder_rope_models.json");
+    let names: Vec<&str> = golden.models.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "llama-dynamic",
+            "llama-linear",
+            "llama-yarn",
+            "llama3-scaled"
+        ]
+    );
+    let mut largest = [0f64; 2];
+    for (name, model) in &golden.models {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join(&model.path);
+        assert_eq!(model.architecture, "LlamaForCausalLM");
+        for (which, dtype) in [(0, DType::F32), (1, DType::F64)] {
+            let source = ModelSource::parse(&dir.to_string_lossy(), None).unwrap();
+            let lm = LoadedModel::load(ModelFiles::locate(&source).unwrap(), dtype, &Device::Cpu)
+                .unwrap();
+            let scaling = lm.config.rope_scaling.clone().expect("rope_scaling read");
+            assert!(
+                name.contains(scaling.name().trim_end_matches('3')),
+                "{name}"
+            );
+            let tolerance = [&RANDOM, &ROPE_F64][which];
+            let mut unscaled = lm.model.clone();
+            if let LanguageModel::Llama(m) = &mut unscaled {
+                m.config.rope_scaling = None;
+                m.config.max_position_embeddings = 64;
+            }
+            let unscaled = Engine::<f64>::from_model(unscaled).unwrap();
+            for prompt in &model.prompts {
+                let cloze = format!("{} [MASK]", prompt.text);
+                let encoded = lm.tokenizer.encode_prompt(&cloze).unwrap();
+                assert_eq!(encoded.ids, prompt.ids, "{name}: ids of {:?}", prompt.text);
+                let ids = candle_core::Tensor::new(encoded.ids.as_slice(), &Device::Cpu)
+                    .and_then(|t| t.unsqueeze(0))
+                    .unwrap();
+                let forward: Vec<f64> = lm
+                    .model
+                    .probabilities_at(&ids, None, &[encoded.mask_position], &())
+                    .unwrap()
+                    .squeeze(0)
+                    .and_then(|t| t.to_dtype(DType::F64))
+                    .and_then(|t| t.to_vec1())
+                    .unwrap();
+                let mut sources: Vec<(&str, Vec<f64>)> = vec![("forward", forward)];
+                if which == 0 {
+                    // kn predict's path (its prompt length check included).
+                    let dist = mask_distribution(&lm, &cloze, &()).unwrap();
+                    let p = dist.probabilities.iter().map(|&p| f64::from(p)).collect();
+                    sources.push(("mask_distribution", p));
+                    let engine = Engine::<f32>::from_model(lm.model.clone()).unwrap();
+                    let pass = engine.prepare(&encoded.ids, encoded.mask_position).unwrap();
+                    let p = pass.probabilities().iter().map(|&p| f64::from(p)).collect();
+                    sources.push(("engine f32", p));
+                } else {
+                    let engine = Engine::<f64>::from_model(lm.model.clone()).unwrap();
+                    let pass = engine.prepare(&encoded.ids, encoded.mask_position).unwrap();
+                    sources.push(("engine f64", pass.probabilities().to_vec()));
+                }
+                for (source, probabilities) in &sources {
+                    assert_eq!(probabilities.len(), prompt.probabilities.len());
+                    for (id, (&got, &want)) in
+                        probabilities.iter().zip(&prompt.probabilities).enumerate()
+                    {
+                        let ratio = tolerance.ratio(got, want);
+                        largest[which] = largest[which].max(ratio);
+                        assert!(
+                            ratio <= 1.0,
+                            "{name} {dtype:?} {:?} ({source}): p {got} vs {want} at id {id}",
+                            prompt.text
+                        );
+                    }
+                }
+                // The same model without its scaling: long prompts differ (the dynamic
+                // model's 10-token prompt is within its 16 positions: no change).
+                if which == 1 && prompt.ids.len() > 16 {
+                    let pass = unscaled
+                        .prepare(&encoded.ids, encoded.mask_position)
+                        .unwrap();
+                    let off = pass
+                        .probabilities()
+                        .iter()
+                        .zip(&prompt.probabilities)
+                        .fold(0f64, |m, (a, b)| m.max((a - b).abs() / b));
+                    assert!(off > 1e-3, "{name}: unscaled off by only {off:e}");
+                }
+            }
+            // All prompts in one right-padded batch (kn predict's batches): each row as
+            // alone (dynamic: the frequencies of the row's own length).
+            let encoded: Vec<_> = model
+                .prompts
+                .iter()
+                .map(|p| {
+                    let cloze = format!("{} [MASK]", p.text);
+                    lm.tokenizer.encode_prompt(&cloze).unwrap()
+                })
+                .collect();
+            let batch = kn::predict::mask_distributions(&lm, &encoded, &()).unwrap();
+            for (dist, prompt) in batch.iter().zip(&model.prompts) {
+                let (ratio, at) = worst(&dist.probabilities, &prompt.probabilities, &RANDOM);
+                assert!(
+                    ratio <= 1.0,
+                    "{name} {dtype:?} batched {:?}: id {at}",
+                    prompt.text
+                );
+            }
+        }
+    }
+    eprintln!(
+        "largest error: f32 {:.3}, f64 {:.3} of the tolerance",
+        largest[0], largest[1]
+    );
+}
+
+/// A Mistral checkpoint with a sliding window (llama-untied's files as `mistral` with
+/// `sliding_window` = the longest golden prompt): prompts no longer than the window are
+/// exact (llama-untied's golden distributions), a longer one is refused by predict and
+/// attribute, naming the window.
+#[test]
+fn sliding_window_prompts_are_exact_or_refused() {
+    use kn::attribution::record::Method;
+    use kn::attribution::{AttributeOptions, Attributor, Fact};
+    let golden: RandomGolden = golden("decoder_random_models.json");
+    let untied = &golden.models["llama-untied"];
+    let window = untied.prompts.iter().map(|p| p.ids.len()).max().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mistral");
+    common::copy_dir(&common::tiny_decoder("llama-untied"), &dir);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["model_type"] = "mistral".into();
+    config["architectures"] = serde_json::json!(["MistralForCausalLM"]);
+    config["sliding_window"] = window.into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let lm = load(&dir);
+    assert_eq!(lm.config.sliding_window, Some(window));
+    for prompt in &untied.prompts {
+        let dist = mask_distribution(&lm, &format!("{} [MASK]", prompt.text), &()).unwrap();
+        let (ratio, at) = worst(&dist.probabilities, &prompt.probabilities, &RANDOM);
+        assert!(ratio <= 1.0, "{:?}: at id {at}", prompt.text);
+    }
+    let long = "The capital of France is Paris, and the capital of Japan is [MASK].";
+    let err = mask_distribution(&lm, long, &()).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!(
+            "sliding attention window of {window} tokens (sliding_window)"
+        )),
+        "{err}"
+    );
+    let attributor =
+        Attributor::new(lm, AttributeOptions::paper(Method::IntegratedGradients)).unwrap();
+    let record = attributor.attribute(&Fact {
+        id: "long".to_string().into(),
+        relation: None,
+        answer: "capital".into(),
+        prompts: vec![long.into(), long.into(), long.into()],
+    });
+    let err = format!("{:?}", record.map(|_| ()).expect_err("refused"));
+    assert!(err.contains("sliding attention window"), "{err}");
+}

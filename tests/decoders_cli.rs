@@ -17,13 +17,15 @@ use serde_json::json;
 use common::{json_lines, kn, tiny_decoder};
 
 /// The tiny decoders, as `--model` takes them.
-const MODELS: [&str; 6] = [
+const MODELS: [&str; 7] = [
     "gpt2-tied",
     "gpt2-untied",
     "llama-tied",
     "llama-untied",
     "qwen2-untied",
     "llama-tied.gguf",
+    // Llama 3.2's rope_scaling (llama3), kept through an edit.
+    "llama3-scaled",
 ];
 
 const PROMPTS: [&str; 3] = [
@@ -117,6 +119,10 @@ fn update_edits_exactly_the_value_slots_and_reverts() {
         let source = load(&model);
         let edited = load(&out);
         assert_eq!(edited.architecture(), source.architecture(), "{name}");
+        assert_eq!(
+            edited.config.rope_scaling, source.config.rope_scaling,
+            "{name}: rope_scaling kept"
+        );
         let e = source.model.input_embeddings();
         let row = |id: u32| -> Vec<f32> { e.i(id as usize).unwrap().to_vec1().unwrap() };
         let (old_id, new_id) = (

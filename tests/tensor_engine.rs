@@ -239,6 +239,9 @@ fn tiny_models_of_every_architecture() {
         "llama-untied",
         "qwen2-untied",
         "llama-tied.gguf",
+        // Rotary scaling: Llama 3.2's llama3 factors, yarn (attention factor on cos, sin).
+        "llama3-scaled",
+        "llama-yarn",
     ] {
         cases.push((
             name.to_string(),

@@ -69,7 +69,9 @@ def exact_float64(model):
     transformers 4.47.1 silently computes two things in float32 even in a float64
     model: LlamaRMSNorm/Qwen2RMSNorm upcast to float32 (`.to(torch.float32)`), and the
     rotary embedding computes inv_freq and the angles in float32.  Both are replaced
-    here by float64 versions (for float64 inputs; float32 inputs are unchanged);
+    here by float64 versions (for float64 inputs; float32 inputs are unchanged); a
+    scaled rotary embedding (rope_type other than default) by `scaled_rope_forward`,
+    transformers' own rope functions run in float64;
     without this a central finite difference disagrees with autograd by tens of per
     cent.  Attention is forced to SDPA (the eager path also softmaxes in float32).
     Returns (RMSNorm modules patched, rotary-embedding modules patched).
@@ -101,15 +103,72 @@ def exact_float64(model):
             m.forward = types.MethodType(rms_forward, m)
             norms += 1
         elif name in ("LlamaRotaryEmbedding", "Qwen2RotaryEmbedding"):
-            if m.rope_type != "default" or m.attention_scaling != 1.0:
-                raise SystemExit(f"rope type {m.rope_type} not handled")
-            dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-            m.kn_inv_freq64 = 1.0 / (
-                cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-            )
-            m.forward = types.MethodType(rope_forward, m)
+            if m.rope_type == "default":
+                if m.attention_scaling != 1.0:
+                    raise SystemExit(f"rope type {m.rope_type} not handled")
+                dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+                m.kn_inv_freq64 = 1.0 / (
+                    cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+                )
+                m.forward = types.MethodType(rope_forward, m)
+            else:
+                m.forward = types.MethodType(scaled_rope_forward, m)
             ropes += 1
     return norms, ropes
+
+
+class _Float64Torch:
+    """`torch` as transformers' modeling_rope_utils sees it, with `torch.float` and
+    `torch.float32` meaning float64: its own rope functions then compute in float64."""
+
+    def __init__(self):
+        import torch
+
+        self._torch = torch
+
+    def __getattr__(self, name):
+        if name in ("float", "float32"):
+            return self._torch.float64
+        return getattr(self._torch, name)
+
+
+def rope_parameters64(config, seq_len=None):
+    """(inv_freq float64, attention factor): transformers' own
+    `ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len)` (modeling_rope_utils,
+    transformers >= 4.48), run with `torch.float`/`torch.float32` mapped to float64 and
+    `seq_len` a Python int (so the dynamic base is a float64 too)."""
+    from transformers import modeling_rope_utils as mru
+
+    rope_type = "default"
+    if getattr(config, "rope_scaling", None):
+        rope_type = config.rope_scaling.get("rope_type", config.rope_scaling.get("type"))
+    saved = mru.torch
+    mru.torch = _Float64Torch()
+    try:
+        inv_freq, attention = mru.ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len)
+    finally:
+        mru.torch = saved
+    assert inv_freq.dtype == saved.float64, inv_freq.dtype
+    return inv_freq, float(attention)
+
+
+def scaled_rope_forward(self, x, position_ids):
+    """A Llama/Qwen2 rotary embedding's forward in float64 for any rope type, as one
+    fresh forward over positions 0..S-1: `dynamic` recomputes the frequencies for
+    seq_len = max(position_ids) + 1 when that exceeds max_position_embeddings (what
+    `dynamic_rope_update` does on a model that has not seen a longer sequence), the
+    other types use their fixed frequencies; cos and sin times the attention factor."""
+    import torch
+
+    if x.dtype != torch.float64:
+        return type(self).forward(self, x, position_ids)
+    seq_len = int(position_ids.max()) + 1
+    if self.rope_type == "dynamic" and seq_len <= self.config.max_position_embeddings:
+        seq_len = None  # the frequencies transformers initializes with
+    inv_freq, attention = rope_parameters64(self.config, seq_len)
+    freqs = position_ids[:, :, None].to(torch.float64) * inv_freq[None, None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * attention, emb.sin() * attention
 
 
 def load_smollm2(model_dir=SMOLLM2_DIR, gguf_file=SMOLLM2_GGUF, dtype=None):

@@ -21,7 +21,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::gpt2::Gpt2;
-use crate::model::llama::{rotary_tables, Llama};
+use crate::model::llama::Llama;
+use crate::model::rope::Rope;
 
 use super::engine::{LayerGradients, PromptPass};
 use super::kernels::{
@@ -82,8 +83,8 @@ pub struct DecoderEngine<F> {
     head: Option<Vec<F>>,
     /// The FFN activation (GPT-2's GELU, or SiLU on Llama's gate).
     activation: Activation,
-    /// Base of the rotary frequencies (Llama); `None` for learned positions.
-    rope_theta: Option<f64>,
+    /// The rotary frequencies (Llama); `None` for learned positions.
+    rope: Option<Rope>,
     max_positions: usize,
     hidden: usize,
     heads: usize,
@@ -132,8 +133,8 @@ impl<F: Real> DecoderEngine<F> {
                 Some(F::from_tensor(&lm_head)?)
             },
             activation: Activation::Silu,
-            rope_theta: Some(config.rope_theta),
-            max_positions: config.max_position_embeddings,
+            rope: Some(Rope::of(&config)),
+            max_positions: config.max_prompt_tokens(),
             hidden: config.hidden_size,
             heads: config.num_attention_heads,
             kv_heads: config.num_key_value_heads,
@@ -194,8 +195,8 @@ impl<F: Real> DecoderEngine<F> {
                 Some(F::from_tensor(&lm_head)?)
             },
             activation,
-            rope_theta: None,
-            max_positions: config.max_position_embeddings,
+            rope: None,
+            max_positions: config.max_prompt_tokens(),
             hidden: h,
             heads: config.num_attention_heads,
             kv_heads: config.num_attention_heads,
@@ -252,9 +253,9 @@ impl<F: Real> DecoderEngine<F> {
 
     /// `cos`, `sin` `[S, d]` of the rotary angles (empty with learned positions).
     fn rotary(&self, seq: usize) -> (Vec<F>, Vec<F>) {
-        match self.rope_theta {
-            Some(theta) => {
-                let (cos, sin) = rotary_tables(seq, self.head_dim, theta);
+        match &self.rope {
+            Some(rope) => {
+                let (cos, sin) = rope.tables(seq);
                 (
                     cos.into_iter().map(F::of).collect(),
                     sin.into_iter().map(F::of).collect(),
@@ -346,7 +347,7 @@ impl<F: Real> DecoderEngine<F> {
         rotary: &(Vec<F>, Vec<F>),
         inverse: bool,
     ) {
-        if self.rope_theta.is_none() {
+        if self.rope.is_none() {
             return;
         }
         let d = self.head_dim;
@@ -791,14 +792,14 @@ mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
     use super::*;
-    use crate::model::random::{random_decoder_tensors, tiny_decoder_config};
+    use crate::model::random::{random_decoder_tensors, tiny_decoder_config, tiny_rope_configs};
     use crate::model::{FfnHook, LanguageModel};
 
     const IDS: [u32; 7] = [3, 17, 5, 22, 9, 14, 2];
     const GOLD: usize = 11;
 
     /// Tiny random decoders of every kind: Llama (grouped-query), Qwen2 (q/k/v biases),
-    /// GPT-2, tied and untied.
+    /// GPT-2, tied and untied, and Llamas with llama3, yarn and dynamic rope scaling.
     fn models() -> Vec<(String, LanguageModel)> {
         [
             ("llama", true),
@@ -810,16 +811,20 @@ mod tests {
         .into_iter()
         .map(|(kind, tied)| {
             let cfg = tiny_decoder_config(kind, 29, 16, 3, 24, tied).unwrap();
+            (format!("{kind} tied={tied}"), cfg)
+        })
+        .chain(tiny_rope_configs(29, 16, 3, 24).unwrap())
+        .map(|(name, cfg)| {
             let tensors = random_decoder_tensors(&cfg, 7, 0.5).unwrap();
             let model = LanguageModel::from_tensors(
                 tensors,
                 &cfg,
                 DType::F64,
                 &Device::Cpu,
-                Path::new(kind),
+                Path::new(&name),
             )
             .unwrap();
-            (format!("{kind} tied={tied}"), model)
+            (name, model)
         })
         .collect()
     }

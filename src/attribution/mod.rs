@@ -150,7 +150,8 @@ enum Engines {
 /// Attributes facts with one loaded model.
 pub struct Attributor {
     tokenizer: MaskTokenizer,
-    max_positions: usize,
+    /// The model's configuration: how long a prompt it takes.
+    config: crate::model::Config,
     engine: Engines,
     options: AttributeOptions,
     model_info: ModelInfo,
@@ -175,7 +176,7 @@ impl Attributor {
         };
         Ok(Self {
             tokenizer,
-            max_positions: config.max_position_embeddings,
+            config: config.clone(),
             engine: match (tensor, options.precision) {
                 (false, Precision::F32) => Engines::F32(Engine::from_model(model)?),
                 (false, Precision::F64) => Engines::F64(Engine::from_model(model)?),
@@ -328,13 +329,9 @@ impl Attributor {
     fn check_prompt(&self, prompt: &str, answer: &str, answer_id: u32) -> Result<EncodedPrompt> {
         let tokenizer = &self.tokenizer;
         let encoded = tokenizer.encode_prompt(prompt)?;
-        let max = self.max_positions;
-        if encoded.ids.len() > max {
-            return Err(Error::Prompt(format!(
-                "prompt is {} tokens long; the model takes at most {max}",
-                encoded.ids.len()
-            )));
-        }
+        self.config
+            .check_prompt_tokens(encoded.ids.len())
+            .map_err(Error::Prompt)?;
         tokenizer.check_answer(prompt, &encoded, answer, answer_id)?;
         Ok(encoded)
     }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
+use super::rope::RopeScaling;
 use crate::error::{Error, Result};
 
 /// The model families kn reads, chosen from `model_type` (or a GGUF file's
@@ -115,6 +116,13 @@ pub struct Config {
     pub head_dim: usize,
     /// Base of the rotary position frequencies (Llama).
     pub rope_theta: f64,
+    /// `rope_scaling` (Llama 3.1+, Qwen2 long context, …): how the rotary frequencies
+    /// are stretched; `None` for plain rotary positions (and every other architecture).
+    pub rope_scaling: Option<RopeScaling>,
+    /// Sliding-window attention span in tokens (Mistral's `sliding_window`; Qwen2's
+    /// when `use_sliding_window`): prompts no longer than it are exact, longer ones are
+    /// refused ([`Config::check_prompt_tokens`]).
+    pub sliding_window: Option<usize>,
     /// Whether the output head is the input embedding matrix.
     pub tie_word_embeddings: bool,
     /// Biases on the q/k/v projections (Qwen2; Llama's `attention_bias`).
@@ -144,6 +152,8 @@ impl Default for Config {
             num_key_value_heads: 12,
             head_dim: 64,
             rope_theta: 10000.0,
+            rope_scaling: None,
+            sliding_window: None,
             tie_word_embeddings: true,
             attention_bias: true,
             bos_token_id: None,
@@ -171,6 +181,7 @@ struct RawConfig {
     head_dim: Option<usize>,
     rope_theta: Option<f64>,
     rope_scaling: Option<serde_json::Value>,
+    partial_rotary_factor: Option<f64>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     rms_norm_eps: Option<f64>,
@@ -195,6 +206,53 @@ fn token_id(value: &Option<serde_json::Value>) -> Option<u32> {
         serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()),
         serde_json::Value::Array(a) => a.first()?.as_u64().and_then(|n| u32::try_from(n).ok()),
         _ => None,
+    }
+}
+
+/// The sliding attention window of a Llama-family `config.json`, as transformers 4.57
+/// reads it. Mistral: `sliding_window`, 4096 when absent, none when null. Qwen2: only
+/// with `use_sliding_window` true, and only if some layer slides (`layer_types` has a
+/// `"sliding_attention"`, or without `layer_types` there are more layers than
+/// `max_window_layers`, default 28); the window is `sliding_window`, default 4096.
+/// Llama: none.
+fn sliding_window(
+    value: &serde_json::Value,
+    layers: usize,
+) -> std::result::Result<Option<usize>, String> {
+    let window = match value.get("model_type").and_then(|t| t.as_str()) {
+        Some("mistral") => value.get("sliding_window"),
+        Some("qwen2") => {
+            if value.get("use_sliding_window") != Some(&serde_json::Value::Bool(true)) {
+                return Ok(None);
+            }
+            let slides = match value.get("layer_types").and_then(|t| t.as_array()) {
+                Some(types) => types.iter().any(|t| t == "sliding_attention"),
+                None => {
+                    let full = match value.get("max_window_layers") {
+                        None | Some(serde_json::Value::Null) => 28,
+                        Some(v) => v.as_u64().ok_or_else(|| {
+                            format!("max_window_layers {v} is not a whole number")
+                        })?,
+                    };
+                    layers as u64 > full
+                }
+            };
+            if !slides {
+                return Ok(None);
+            }
+            value.get("sliding_window")
+        }
+        _ => return Ok(None),
+    };
+    match window {
+        None => Ok(Some(4096)),
+        Some(serde_json::Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|&w| w > 0)
+            .and_then(|w| usize::try_from(w).ok())
+            .map(Some)
+            .ok_or_else(|| format!("sliding_window {v} is not a positive whole number")),
     }
 }
 
@@ -223,7 +281,11 @@ impl Config {
         };
         let config = match architecture {
             Architecture::Bert => Self::bert(raw)?,
-            Architecture::Llama => Self::llama(raw)?,
+            Architecture::Llama => {
+                let mut config = Self::llama(raw)?;
+                config.sliding_window = sliding_window(value, config.num_hidden_layers)?;
+                config
+            }
             Architecture::Gpt2 => Self::gpt2(raw)?,
         };
         config.validate()?;
@@ -254,6 +316,8 @@ impl Config {
             num_key_value_heads: heads,
             head_dim: hidden / heads.max(1),
             rope_theta: d.rope_theta,
+            rope_scaling: None,
+            sliding_window: None,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
             attention_bias: true,
             bos_token_id: None,
@@ -262,9 +326,10 @@ impl Config {
     }
 
     fn llama(raw: RawConfig) -> std::result::Result<Self, String> {
-        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|s| !s.is_null()) {
+        let rope_scaling = RopeScaling::from_json(raw.rope_scaling.as_ref())?;
+        if let Some(f) = raw.partial_rotary_factor.filter(|&f| f != 1.0) {
             return Err(format!(
-                "rope_scaling {scaling} is not supported (kn implements plain rotary positions)"
+                "partial_rotary_factor {f} is not supported (every head dimension rotates)"
             ));
         }
         let qwen2 = raw.model_type.as_deref() == Some("qwen2");
@@ -292,6 +357,8 @@ impl Config {
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(heads),
             head_dim: raw.head_dim.unwrap_or(hidden / heads.max(1)),
             rope_theta: raw.rope_theta.unwrap_or(10000.0),
+            rope_scaling,
+            sliding_window: None,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             attention_bias: raw.attention_bias.unwrap_or(qwen2),
             bos_token_id: token_id(&raw.bos_token_id),
@@ -329,6 +396,8 @@ impl Config {
             num_key_value_heads: heads,
             head_dim: hidden / heads.max(1),
             rope_theta: 10000.0,
+            rope_scaling: None,
+            sliding_window: None,
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(true),
             attention_bias: true,
             bos_token_id: token_id(&raw.bos_token_id),
@@ -344,6 +413,35 @@ impl Config {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.head_dim
+    }
+
+    /// The longest prompt, in tokens, that the model computes exactly:
+    /// `max_position_embeddings` (times the factor with `dynamic` rope scaling), and no
+    /// more than the sliding window.
+    pub fn max_prompt_tokens(&self) -> usize {
+        let positions = match &self.rope_scaling {
+            Some(scaling) => scaling.max_tokens(self.max_position_embeddings),
+            None => self.max_position_embeddings,
+        };
+        self.sliding_window
+            .map_or(positions, |window| positions.min(window))
+    }
+
+    /// Refuses a prompt of `tokens` tokens longer than [`Config::max_prompt_tokens`],
+    /// naming the sliding window when that is the limit.
+    pub fn check_prompt_tokens(&self, tokens: usize) -> std::result::Result<(), String> {
+        let max = self.max_prompt_tokens();
+        if tokens <= max {
+            return Ok(());
+        }
+        Err(match self.sliding_window {
+            Some(window) if window == max => format!(
+                "prompt is {tokens} tokens long, longer than the model's sliding attention \
+                 window of {window} tokens (sliding_window), which kn does not implement: \
+                 the model takes at most {max}"
+            ),
+            _ => format!("prompt is {tokens} tokens long; the model takes at most {max}"),
+        })
     }
 
     /// Checks what the forward pass relies on, including sizes no real model has (a
@@ -413,6 +511,13 @@ impl Config {
                 self.head_dim
             ));
         }
+        if matches!(self.rope_scaling, Some(RopeScaling::Dynamic { .. })) && self.head_dim <= 2 {
+            return Err(format!(
+                "head_dim {} is too small for dynamic rope scaling (its base exponent is \
+                 d/(d-2))",
+                self.head_dim
+            ));
+        }
         if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps >= 0.0) {
             return Err(format!("norm epsilon {} is not valid", self.layer_norm_eps));
         }
@@ -442,9 +547,14 @@ impl Config {
             }),
             Architecture::Llama => {
                 let qwen2 = self.model_type.as_deref() == Some("qwen2");
+                let (model_type, class) = match self.model_type.as_deref() {
+                    Some("qwen2") => ("qwen2", "Qwen2ForCausalLM"),
+                    Some("mistral") => ("mistral", "MistralForCausalLM"),
+                    _ => ("llama", "LlamaForCausalLM"),
+                };
                 serde_json::json!({
-                    "model_type": if qwen2 { "qwen2" } else { "llama" },
-                    "architectures": [if qwen2 { "Qwen2ForCausalLM" } else { "LlamaForCausalLM" }],
+                    "model_type": model_type,
+                    "architectures": [class],
                     "vocab_size": self.vocab_size,
                     "hidden_size": self.hidden_size,
                     "num_hidden_layers": self.num_hidden_layers,
@@ -456,6 +566,11 @@ impl Config {
                     "max_position_embeddings": self.max_position_embeddings,
                     "rms_norm_eps": self.layer_norm_eps,
                     "rope_theta": self.rope_theta,
+                    "rope_scaling": self.rope_scaling.as_ref().map(RopeScaling::to_json),
+                    "sliding_window": self.sliding_window,
+                    "use_sliding_window": qwen2 && self.sliding_window.is_some(),
+                    // Qwen2: the window on every layer, as kn reads it.
+                    "max_window_layers": 0,
                     "tie_word_embeddings": self.tie_word_embeddings,
                     "attention_bias": self.attention_bias,
                     "bos_token_id": self.bos_token_id,
@@ -529,6 +644,105 @@ mod tests {
         }
     }
 
+    /// Llama 3.2's rope_scaling is read (and written back); Mistral's and Qwen2's
+    /// sliding windows as transformers 4.57 reads them, and prompts longer than the
+    /// window are refused naming it.
+    #[test]
+    fn rope_scaling_and_sliding_windows() {
+        let base = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({
+                "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 2,
+                "num_attention_heads": 2, "intermediate_size": 4, "max_position_embeddings": 64,
+            });
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            Config::from_json(&v).unwrap()
+        };
+        let llama = base(serde_json::json!({"model_type": "llama", "rope_scaling": {
+            "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+        }}));
+        assert_eq!(
+            llama.rope_scaling,
+            Some(RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8192
+            })
+        );
+        assert_eq!(
+            (llama.sliding_window, llama.max_prompt_tokens()),
+            (None, 64)
+        );
+        let dynamic = base(serde_json::json!({"model_type": "llama",
+            "rope_scaling": {"type": "dynamic", "factor": 2.0}}));
+        assert_eq!(dynamic.max_prompt_tokens(), 128);
+        // Mistral: 4096 when absent, none when null.
+        let windows = [
+            (serde_json::json!({"model_type": "mistral"}), Some(4096)),
+            (
+                serde_json::json!({"model_type": "mistral", "sliding_window": null}),
+                None,
+            ),
+            (
+                serde_json::json!({"model_type": "mistral", "sliding_window": 32}),
+                Some(32),
+            ),
+            (
+                serde_json::json!({"model_type": "llama", "sliding_window": 32}),
+                None,
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2", "sliding_window": 32}),
+                None,
+            ),
+            // Qwen2: the first max_window_layers layers attend fully (default 28).
+            (
+                serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
+                                "sliding_window": 32}),
+                None,
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
+                                "sliding_window": 32, "max_window_layers": 1}),
+                Some(32),
+            ),
+            (
+                serde_json::json!({"model_type": "qwen2", "use_sliding_window": true,
+                                "sliding_window": 32,
+                                "layer_types": ["full_attention", "sliding_attention"]}),
+                Some(32),
+            ),
+        ];
+        for (extra, window) in windows {
+            let config = base(extra.clone());
+            assert_eq!(config.sliding_window, window, "{extra}");
+            assert_eq!(
+                Config::from_json(&config.to_json()).unwrap(),
+                config,
+                "{extra}"
+            );
+        }
+        let mistral = base(serde_json::json!({"model_type": "mistral", "sliding_window": 32}));
+        assert_eq!(mistral.max_prompt_tokens(), 32);
+        assert_eq!(mistral.check_prompt_tokens(32), Ok(()));
+        let err = mistral.check_prompt_tokens(33).unwrap_err();
+        assert!(
+            err.contains("prompt is 33 tokens long")
+                && err.contains("sliding attention window of 32 tokens (sliding_window)"),
+            "{err}"
+        );
+        assert_eq!(
+            llama.check_prompt_tokens(65).unwrap_err(),
+            "prompt is 65 tokens long; the model takes at most 64"
+        );
+        for config in [llama, dynamic] {
+            assert_eq!(Config::from_json(&config.to_json()).unwrap(), config);
+        }
+    }
+
     #[test]
     fn unsupported_and_absurd_configs_are_refused_with_the_reason() {
         let refused = |v: serde_json::Value| Config::from_json(&v).unwrap_err();
@@ -536,12 +750,35 @@ mod tests {
             refused(serde_json::json!({"model_type": "falcon", "vocab_size": 3}))
                 .contains("\"falcon\"")
         );
+        for (scaling, name) in [
+            (
+                serde_json::json!({"rope_type": "longrope", "factor": 8.0}),
+                "\"longrope\"",
+            ),
+            (serde_json::json!({"type": "su", "factor": 8.0}), "\"su\""),
+        ] {
+            let err = refused(serde_json::json!({
+                "model_type": "llama", "vocab_size": 10, "hidden_size": 8,
+                "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 4,
+                "rope_scaling": scaling
+            }));
+            assert!(
+                err.contains(&format!(
+                    "rope_scaling type {name} in config.json is not supported"
+                )),
+                "{err}"
+            );
+        }
         assert!(refused(serde_json::json!({
             "model_type": "llama", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
-            "num_attention_heads": 2, "intermediate_size": 4,
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}
+            "num_attention_heads": 2, "intermediate_size": 4, "partial_rotary_factor": 0.5
         }))
-        .contains("rope_scaling"));
+        .contains("partial_rotary_factor 0.5"));
+        assert!(refused(serde_json::json!({
+            "model_type": "mistral", "vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 4, "sliding_window": -3
+        }))
+        .contains("sliding_window -3"));
         assert!(refused(serde_json::json!({
             "model_type": "gpt2", "vocab_size": 10, "n_embd": 1099511627776u64
         }))

@@ -13,27 +13,8 @@ use candle_nn::VarBuilder;
 use super::bert::FfnHook;
 use super::config::{Activation, Config};
 use super::nn::{activate, causal_bias, output_head, softmax_last_dim, Linear, RmsNorm};
+use super::rope::Rope;
 use crate::error::Result;
-
-/// `cos` and `sin` of the rotary angles `[seq, head_dim]` for positions `0..seq`, in the
-/// layout of `transformers`' `rotate_half` (each frequency twice, halves concatenated).
-/// Computed in f64 for the positions asked for only (no table of every position).
-pub fn rotary_tables(seq: usize, head_dim: usize, theta: f64) -> (Vec<f64>, Vec<f64>) {
-    let half = head_dim / 2;
-    let mut cos = vec![0f64; seq * head_dim];
-    let mut sin = vec![0f64; seq * head_dim];
-    for p in 0..seq {
-        for i in 0..half {
-            let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-            let angle = p as f64 * inv_freq;
-            for j in [i, i + half] {
-                cos[p * head_dim + j] = angle.cos();
-                sin[p * head_dim + j] = angle.sin();
-            }
-        }
-    }
-    (cos, sin)
-}
 
 /// Rotary position embedding of `x [batch, heads, seq, head_dim]`:
 /// `x·cos + rotate_half(x)·sin`, with `rotate_half(x) = [−x₂, x₁]`.
@@ -205,11 +186,30 @@ impl Llama {
         let (dtype, device) = (self.embed_tokens.dtype(), self.embed_tokens.device());
         let bias = causal_bias(keep, batch, seq, dtype, device)?;
         let d = self.config.head_dim();
-        let (cos, sin) = rotary_tables(seq, d, self.config.rope_theta);
-        let table = |t: Vec<f64>| -> candle_core::Result<Tensor> {
-            Tensor::from_vec(t, (1, 1, seq, d), device)?.to_dtype(dtype)
+        let rope = Rope::of(&self.config);
+        let table = |t: Vec<f64>, rows: usize| -> candle_core::Result<Tensor> {
+            Tensor::from_vec(t, (rows, 1, seq, d), device)?.to_dtype(dtype)
         };
-        let (cos, sin) = (table(cos)?, table(sin)?);
+        let dynamic = rope.scaling.as_ref().is_some_and(|s| s.depends_on_length());
+        let (cos, sin) = match keep {
+            // `dynamic` frequencies depend on the length: each right-padded row gets
+            // those of its own tokens, as when it runs alone.
+            Some(keep) if dynamic => {
+                let keep: Vec<u32> = keep.to_dtype(DType::U32)?.flatten_all()?.to_vec1()?;
+                let (mut cos, mut sin) = (Vec::new(), Vec::new());
+                for row in keep.chunks(seq) {
+                    let length = row.iter().filter(|&&k| k != 0).count();
+                    let (c, s) = rope.tables_of(length, seq);
+                    cos.extend(c);
+                    sin.extend(s);
+                }
+                (table(cos, batch)?, table(sin, batch)?)
+            }
+            _ => {
+                let (cos, sin) = rope.tables(seq);
+                (table(cos, 1)?, table(sin, 1)?)
+            }
+        };
         let mut x = self
             .embed_tokens
             .index_select(&input_ids.flatten_all()?, 0)?

@@ -124,7 +124,7 @@ impl LoadedModel {
             ));
         }
         let mut tokenizer = tokenizer;
-        tokenizer.limit_prompt_length(config.max_position_embeddings);
+        tokenizer.limit_prompt_length(config.max_prompt_tokens());
         let model =
             LanguageModel::from_tensors(tensors, &config, dtype, device, files.weights.path())?;
         Ok(Self {

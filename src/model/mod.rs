@@ -15,6 +15,7 @@ pub mod load;
 pub mod neurons;
 pub mod nn;
 pub mod random;
+pub mod rope;
 pub mod tokenizer;
 
 pub use bert::{BertMaskedLm, FfnHook};

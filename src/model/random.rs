@@ -200,6 +200,60 @@ pub fn tiny_decoder_config(
     Config::from_json(&json).map_err(|reason| Error::model("tiny decoder", reason))
 }
 
+/// Small Llama configurations with rotary scaling for tests, by name: `llama3` (Llama
+/// 3.2's factors, original context 8), `yarn` (factor 4, original context 8, a ramp over
+/// the middle frequencies, attention factor ≠ 1), `dynamic` (factor 2 over 4 positions:
+/// prompts of 5+ tokens get the NTK base). Head width 8 (4 frequencies, spread over the
+/// bands), 4 heads over 2 key-value heads, untied.
+pub fn tiny_rope_configs(
+    vocab_size: usize,
+    hidden: usize,
+    layers: usize,
+    intermediate: usize,
+) -> Result<Vec<(String, Config)>> {
+    use super::rope::RopeScaling;
+    let scalings = [
+        (
+            "llama3",
+            32,
+            RopeScaling::Llama3 {
+                factor: 32.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 8,
+            },
+        ),
+        (
+            "yarn",
+            32,
+            RopeScaling::Yarn {
+                factor: 4.0,
+                original_max_position_embeddings: Some(8),
+                attention_factor: None,
+                beta_fast: 4.0,
+                beta_slow: 0.25,
+                mscale: None,
+                mscale_all_dim: None,
+                truncate: false,
+            },
+        ),
+        ("dynamic", 4, RopeScaling::Dynamic { factor: 2.0 }),
+    ];
+    scalings
+        .into_iter()
+        .map(|(name, positions, scaling)| {
+            let mut cfg =
+                tiny_decoder_config("llama", vocab_size, hidden, layers, intermediate, false)?;
+            cfg.head_dim = 8;
+            cfg.max_position_embeddings = positions;
+            cfg.rope_scaling = Some(scaling);
+            cfg.validate()
+                .map_err(|reason| Error::model("tiny decoder", reason))?;
+            Ok((format!("llama rope={name}"), cfg))
+        })
+        .collect()
+}
+
 /// Random weights for a decoder `cfg` under its Hugging Face names
 /// (`LlamaForCausalLM`, `Qwen2ForCausalLM`, `GPT2LMHeadModel`; GPT-2's Conv1D weights
 /// `[in, out]`), with `lm_head.weight` only when untied. Norm scales are near 1 and

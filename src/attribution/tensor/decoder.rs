@@ -14,8 +14,9 @@ use crate::attribution::kernels::Real;
 use crate::error::{Error, Result};
 use crate::model::config::Activation;
 use crate::model::gpt2::Gpt2;
-use crate::model::llama::{rotary_tables, Llama};
+use crate::model::llama::Llama;
 use crate::model::nn::most_negative;
+use crate::model::rope::Rope;
 
 use super::ops::{
     activate, cat_along, cat_rows, device_name, gold_probability_gradient, host, layer_results,
@@ -50,7 +51,8 @@ pub struct DecoderTensorEngine {
     /// `[V, H]`: the embeddings when tied (stored again in the products' dtype).
     head: Dense,
     activation: Activation,
-    rope_theta: Option<f64>,
+    /// The rotary frequencies (Llama); `None` for learned positions.
+    rope: Option<Rope>,
     max_positions: usize,
     hidden: usize,
     heads: usize,
@@ -124,8 +126,8 @@ impl DecoderTensorEngine {
             positions: None,
             head: Dense::from_parts(&model.lm_head, None, dtypes)?,
             activation: Activation::Silu,
-            rope_theta: Some(c.rope_theta),
-            max_positions: c.max_position_embeddings,
+            rope: Some(Rope::of(c)),
+            max_positions: c.max_prompt_tokens(),
             hidden: c.hidden_size,
             heads: c.num_attention_heads,
             kv_heads: c.num_key_value_heads,
@@ -174,8 +176,8 @@ impl DecoderTensorEngine {
             positions: Some(model.wpe.to_dtype(dtype)?),
             head: Dense::from_parts(&model.lm_head, None, dtypes)?,
             activation: c.activation(),
-            rope_theta: None,
-            max_positions: c.max_position_embeddings,
+            rope: None,
+            max_positions: c.max_prompt_tokens(),
             hidden: c.hidden_size,
             heads: c.num_attention_heads,
             kv_heads: c.num_attention_heads,
@@ -222,11 +224,11 @@ impl DecoderTensorEngine {
 
     /// `cos`, `sin` `[S, d]` of every position (rotary positions only).
     fn rotary(&self, seq: usize) -> Ops<Option<(Tensor, Tensor)>> {
-        let Some(theta) = self.rope_theta else {
+        let Some(rope) = &self.rope else {
             return Ok(None);
         };
         let d = self.head_dim;
-        let (cos, sin) = rotary_tables(seq, d, theta);
+        let (cos, sin) = rope.tables(seq);
         let table =
             |t: Vec<f64>| Tensor::from_vec(t, (seq, d), self.device())?.to_dtype(self.dtype);
         Ok(Some((table(cos)?, table(sin)?)))
@@ -419,7 +421,7 @@ impl DecoderTensorEngine {
         parts: &[Part<'_, '_, F>],
         f: fn(&Tensor, &Tensor, &Tensor) -> Ops<Tensor>,
     ) -> Ops<Tensor> {
-        if self.rope_theta.is_none() {
+        if self.rope.is_none() {
             return Ok(x);
         }
         let mut start = 0;

@@ -16,12 +16,14 @@ use crate::attribution::ig::{
 use crate::error::Error;
 use crate::model::load::model_from_tensors;
 use crate::model::random::{
-    random_decoder_tensors, random_tensors, tiny_config, tiny_decoder_config, Layout,
+    random_decoder_tensors, random_tensors, tiny_config, tiny_decoder_config, tiny_rope_configs,
+    Layout,
 };
 use crate::model::LanguageModel;
 
 /// Tiny random models: BERT (erf GELU), Llama (grouped-query, tied and untied), Qwen2
-/// (q/k/v biases), GPT-2 (tied and untied), with a prompt and the answer position.
+/// (q/k/v biases), GPT-2 (tied and untied), Llamas with llama3, yarn and dynamic rope
+/// scaling, with a prompt and the answer position.
 fn models() -> Vec<(String, LanguageModel, Vec<u32>, usize)> {
     models_of(0.5)
 }
@@ -44,21 +46,28 @@ fn models_of(sigma: f32) -> Vec<(String, LanguageModel, Vec<u32>, usize)> {
         vec![2, 5, 6, 7, 4, 13, 9, 3],
         4,
     )];
-    for (kind, tied) in [
+    let decoders = [
         ("llama", true),
         ("llama", false),
         ("qwen2", false),
         ("gpt2", true),
         ("gpt2", false),
-    ] {
+    ]
+    .into_iter()
+    .map(|(kind, tied)| {
         let cfg = tiny_decoder_config(kind, 29, 16, 3, 24, tied).unwrap();
+        (format!("{kind} tied={tied}"), cfg)
+    })
+    // Rotary scaling (llama3, yarn's factor on cos and sin, dynamic past 4 positions).
+    .chain(tiny_rope_configs(29, 16, 3, 24).unwrap());
+    for (name, cfg) in decoders {
         let tensors = random_decoder_tensors(&cfg, 7, sigma).unwrap();
         let model =
-            LanguageModel::from_tensors(tensors, &cfg, DType::F64, &Device::Cpu, Path::new(kind))
+            LanguageModel::from_tensors(tensors, &cfg, DType::F64, &Device::Cpu, Path::new(&name))
                 .unwrap();
         let ids = vec![3, 17, 5, 22, 9, 14, 2];
         let last = ids.len() - 1;
-        out.push((format!("{kind} tied={tied}"), model, ids, last));
+        out.push((name, model, ids, last));
     }
     out
 }

@@ -150,6 +150,8 @@ pub(super) struct Hparams {
     pub(super) head_dim: usize,
     eps: f64,
     pub(super) rope_theta: f64,
+    /// config.json's `rope_scaling` object, from `{arch}.rope.scaling.*`.
+    pub(super) rope_scaling: Option<serde_json::Value>,
     pub(super) context: usize,
 }
 
@@ -190,6 +192,7 @@ impl Hparams {
                 head_dim: hidden / n_head,
                 eps,
                 rope_theta: 0.0,
+                rope_scaling: None,
                 context,
             });
         }
@@ -238,22 +241,7 @@ impl Hparams {
                 )));
             }
         }
-        if let Some(kind) = meta.string_opt(&key("rope.scaling.type"))? {
-            if kind != "none" {
-                return Err(meta.err(format!(
-                    "{} is {kind:?}: rope scaling is not supported",
-                    key("rope.scaling.type")
-                )));
-            }
-        }
-        if let Some(f) = meta.f64_opt(&key("rope.scaling.factor"))? {
-            if f != 0.0 && f != 1.0 {
-                return Err(meta.err(format!(
-                    "{} is {f}: rope scaling is not supported",
-                    key("rope.scaling.factor")
-                )));
-            }
-        }
+        let rope_scaling = Self::rope_scaling(meta, name)?;
         let eps = meta.eps_req(&key("attention.layer_norm_rms_epsilon"))?;
         let rope_theta = meta.f64_opt(&key("rope.freq_base"))?.unwrap_or(10000.0);
         Ok(Self {
@@ -265,8 +253,61 @@ impl Hparams {
             head_dim,
             eps,
             rope_theta,
+            rope_scaling,
             context,
         })
+    }
+
+    /// config.json's `rope_scaling` from llama.cpp's `{arch}.rope.scaling.type`,
+    /// `.factor` and `.original_context_length` (what convert_hf_to_gguf.py writes):
+    /// `linear` (factor), `yarn` (factor, original context; transformers' default
+    /// betas), `none` or no type with a factor of 0 or 1 (none). Any other type, or
+    /// llama.cpp's YaRN tuning keys, are refused.
+    fn rope_scaling(meta: &Meta<'_>, name: &str) -> Result<Option<serde_json::Value>> {
+        let key = |k: &str| format!("{name}.rope.scaling.{k}");
+        let factor = meta.f64_opt(&key("factor"))?;
+        let kind = meta.string_opt(&key("type"))?.unwrap_or("none");
+        let positive_factor = || -> Result<f64> {
+            match factor {
+                Some(f) if f.is_finite() && f > 0.0 => Ok(f),
+                Some(f) => Err(meta.err(format!("GGUF metadata {} is {f}", key("factor")))),
+                None => Err(meta.err(format!("GGUF metadata {} is missing", key("factor")))),
+            }
+        };
+        match kind {
+            "none" => match factor {
+                Some(f) if f != 0.0 && f != 1.0 => Err(meta.err(format!(
+                    "{} is {f} with no {}: rope scaling of unknown type",
+                    key("factor"),
+                    key("type")
+                ))),
+                _ => Ok(None),
+            },
+            "linear" => Ok(Some(
+                json!({"rope_type": "linear", "factor": positive_factor()?}),
+            )),
+            "yarn" => {
+                for tuning in ["attn_factor", "yarn_log_multiplier", "yarn_ext_factor"] {
+                    if meta.f64_opt(&key(tuning))?.is_some() {
+                        return Err(meta.err(format!(
+                            "{} is set: llama.cpp's YaRN tuning is not supported (kn reads \
+                             GGUF yarn as transformers' yarn with its default parameters)",
+                            key(tuning)
+                        )));
+                    }
+                }
+                let mut scaling = json!({"rope_type": "yarn", "factor": positive_factor()?});
+                if let Some(n) = meta.usize_opt(&key("original_context_length"))? {
+                    scaling["original_max_position_embeddings"] = json!(n);
+                }
+                Ok(Some(scaling))
+            }
+            other => Err(meta.err(format!(
+                "{} is {other:?}: rope scaling of this type is not supported (kn reads linear \
+                 and yarn from GGUF metadata)",
+                key("type")
+            ))),
+        }
     }
 
     /// The Hugging Face config.json; `q_bias`: the file has a q projection bias.
@@ -314,6 +355,7 @@ impl Hparams {
                     "head_dim": self.head_dim,
                     "rms_norm_eps": self.eps,
                     "rope_theta": self.rope_theta,
+                    "rope_scaling": self.rope_scaling,
                     "max_position_embeddings": self.context,
                     "tie_word_embeddings": tied,
                     "bos_token_id": bos,
@@ -361,12 +403,19 @@ mod tests {
             ("no-arch", Box::new(|s| s.remove("general.architecture")), "general.architecture is missing"),
             ("falcon", Box::new(|s| s.set("general.architecture", Value::String("falcon".into()))), "GGUF architecture \"falcon\" is not supported (llama, qwen2, gpt2)"),
             ("bert-vocab", Box::new(|s| s.set("tokenizer.ggml.model", Value::String("bert".into()))), "GGUF tokenizer model \"bert\""),
-            ("yarn", Box::new(|s| s.set("llama.rope.scaling.type", Value::String("yarn".into()))), "llama.rope.scaling.type is \"yarn\""),
+            ("longrope", Box::new(|s| s.set("llama.rope.scaling.type", Value::String("longrope".into()))), "llama.rope.scaling.type is \"longrope\""),
+            ("yarn-no-factor", Box::new(|s| s.set("llama.rope.scaling.type", Value::String("yarn".into()))), "llama.rope.scaling.factor is missing"),
+            ("yarn-tuned", Box::new(|s| {
+                s.set("llama.rope.scaling.type", Value::String("yarn".into()));
+                s.set("llama.rope.scaling.factor", Value::F32(4.0));
+                s.set("llama.rope.scaling.attn_factor", Value::F32(1.1));
+            }), "llama.rope.scaling.attn_factor is set"),
+            ("factor-no-type", Box::new(|s| s.set("llama.rope.scaling.factor", Value::F32(4.0))), "rope scaling of unknown type"),
             ("heads-type", Box::new(|s| s.set("llama.attention.head_count", Value::String("2".into()))), "llama.attention.head_count"),
             ("rope-freqs", Box::new(|s| {
                 let t = Tensor::ones(8, DType::F32, &Device::Cpu).expect("ones");
                 s.tensor("rope_freqs.weight", &t, GgmlDType::F32)
-            }), "tensor rope_freqs.weight is not one kn knows"),
+            }), "tensor rope_freqs.weight holds per-frequency rotary factors"),
             ("bad-shape", Box::new(|s| {
                 let t = Tensor::ones((32, 64), DType::F32, &Device::Cpu).expect("ones");
                 s.tensor("blk.0.ffn_up.weight", &t, GgmlDType::F32)
@@ -390,5 +439,40 @@ mod tests {
             assert!(err.contains(want), "{name}: {err:?} lacks {want:?}");
             assert!(err.contains(&path.display().to_string()), "{name}: {err:?}");
         }
+    }
+
+    /// llama.cpp's rope scaling metadata becomes config.json's rope_scaling: linear with
+    /// its factor, yarn with its factor and original context; a model loads with it.
+    #[test]
+    fn gguf_rope_scaling_metadata_becomes_rope_scaling() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut spec, _) = llama_spec(64, 96, 2, false);
+        spec.set("llama.rope.scaling.type", Value::String("linear".into()));
+        spec.set("llama.rope.scaling.factor", Value::F32(4.0));
+        let ck = read(&spec.write(dir.path(), "linear.gguf")).expect("read");
+        assert_eq!(
+            ck.config["rope_scaling"],
+            json!({"rope_type": "linear", "factor": 4.0})
+        );
+        let config = crate::model::Config::from_json(&ck.config).expect("config");
+        assert_eq!(
+            config.rope_scaling,
+            Some(crate::model::rope::RopeScaling::Linear { factor: 4.0 })
+        );
+        let (mut spec, _) = llama_spec(64, 96, 2, false);
+        spec.set("llama.rope.scaling.type", Value::String("yarn".into()));
+        spec.set("llama.rope.scaling.factor", Value::F32(8.0));
+        spec.set("llama.rope.scaling.original_context_length", Value::U32(16));
+        let ck = read(&spec.write(dir.path(), "yarn.gguf")).expect("read");
+        assert_eq!(
+            ck.config["rope_scaling"],
+            json!({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16})
+        );
+        let config = crate::model::Config::from_json(&ck.config).expect("config");
+        assert_eq!(config.rope_scaling.as_ref().map(|s| s.name()), Some("yarn"));
+        let (mut spec, _) = llama_spec(64, 96, 2, false);
+        spec.set("llama.rope.scaling.type", Value::String("none".into()));
+        let ck = read(&spec.write(dir.path(), "none.gguf")).expect("read");
+        assert!(ck.config["rope_scaling"].is_null());
     }
 }

@@ -124,6 +124,14 @@ pub fn read(path: &Path) -> Result<GgufCheckpoint> {
     // Map every tensor name before reading any data, so that an unknown tensor fails fast.
     let mut targets = Vec::with_capacity(layout.tensors.len());
     for entry in &layout.tensors {
+        if entry.name == "rope_freqs.weight" {
+            return Err(Error::model(
+                path,
+                "tensor rope_freqs.weight holds per-frequency rotary factors (llama.cpp's form \
+                 of Llama 3.1+ rope_scaling \"llama3\"), which kn does not read from GGUF \
+                 files: load the Hugging Face checkpoint (config.json with rope_scaling) instead",
+            ));
+        }
         let target = hf_name(arch, &entry.name, hp.n_layer).ok_or_else(|| {
             Error::model(
                 path,
