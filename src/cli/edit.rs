@@ -13,17 +13,18 @@ use crate::attribution::NeuronsFile;
 use crate::data::output::write_whole;
 use crate::data::{JsonlInput, LineErrors, SeenIds};
 use crate::edit::eval::{
-    build_report, encode_held_out, read_eval_facts, split_holdout, update_each_held_out,
-    EditedFact, EvalFact, ReportInputs,
+    anchor_facts, build_report, encode_held_out, held_out_of, read_eval_facts, split_holdout,
+    update_each_held_out, EditedFact, EvalFact, ReportInputs,
 };
 use crate::edit::record::{
     EditReport, EditedMetrics, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
 };
 use crate::edit::save::{revert, storage_dtype, write_edited_model};
 use crate::edit::{
-    apply_slots, plan_erase, plan_update, EditPlan, EraseOptions, EraseValue, UpdateOptions,
-    UpdateRequest, UpdateRule,
+    apply_slots, plan_erase, plan_update_excluding, EditPlan, EraseOptions, EraseValue,
+    UpdateOptions, UpdateRequest, UpdateRule,
 };
+use crate::edit::solve::{AnchorPool, SolveOptions};
 use crate::model::files::sha256_bytes;
 use crate::model::{DeviceChoice, LoadedModel};
 use crate::predict::encode_prompts;
@@ -34,6 +35,9 @@ enum RuleArg {
     Scaled,
     /// EleutherAI's library: v − f·E_old + f·E_new (f = 2).
     Fixed,
+    /// The smallest change of the fact's value slots that makes the new answer win on its
+    /// prompts while other facts' outputs stay (the --solve-* knobs).
+    Solve,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -96,6 +100,31 @@ pub(super) struct EditArgs {
     /// f of the fixed rule.
     #[arg(long, default_value_t = 2.0)]
     fixed_factor: f64,
+    /// Solve: most Adam steps per fact.
+    #[arg(long, default_value_t = SolveOptions::default().steps, value_name = "N")]
+    solve_steps: usize,
+    /// Solve: Adam's first step, as a fraction of the layer's FFN output size.
+    #[arg(long, default_value_t = SolveOptions::default().learning_rate, value_name = "X")]
+    solve_rate: f64,
+    /// Solve: each step is the last one's times this (small changes are tried first).
+    #[arg(long, default_value_t = SolveOptions::default().growth, value_name = "X")]
+    solve_growth: f64,
+    /// Solve: stop once the new answer has this probability on every edit prompt.
+    #[arg(long, default_value_t = SolveOptions::default().target, value_name = "P")]
+    solve_target: f64,
+    /// Solve: weight of the anchors' KL divergence (other facts' outputs kept).
+    #[arg(long, default_value_t = SolveOptions::default().locality, value_name = "W")]
+    solve_locality: f64,
+    /// Solve: weight of the change's relative squared size.
+    #[arg(long, default_value_t = SolveOptions::default().size, value_name = "W")]
+    solve_size: f64,
+    /// Solve: how many other facts' prompts are held to their outputs (one prompt a fact).
+    #[arg(long, default_value_t = SolveOptions::default().anchors, value_name = "N")]
+    solve_anchors: usize,
+    /// Solve: facts (JSONL with relation and prompts) to draw the anchors from, instead
+    /// of the --neurons file's; facts and prompts of --eval are never anchors.
+    #[arg(long, value_name = "FILE")]
+    anchors: Option<PathBuf>,
     /// Leave out neurons held by more than this share of the relation's facts.
     #[arg(long, default_value_t = 0.1)]
     max_relation_share: f64,
@@ -151,7 +180,13 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
     }
     // Outputs are claimed (never an input, one writer) for the whole run, and existing
     // ones refused, before any slow work.
-    let inputs: Vec<PathBuf> = [&args.neurons, &args.update, &args.eval, &args.revert]
+    let inputs: Vec<PathBuf> = [
+        &args.neurons,
+        &args.update,
+        &args.eval,
+        &args.revert,
+        &args.anchors,
+    ]
         .into_iter()
         .flatten()
         .cloned()
@@ -245,6 +280,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 RuleArg::Fixed => UpdateRule::Fixed {
                     factor: args.fixed_factor,
                 },
+                RuleArg::Solve => UpdateRule::Solve(solve_options(&args)?),
             };
             let options = UpdateOptions {
                 rule,
@@ -259,8 +295,9 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                     path.display()
                 );
             }
+            let eval = read_eval(&lm, args.eval.as_deref())?;
+            let anchors = anchor_pool(&lm, &neurons, &args, &rule, eval.as_deref())?;
             if args.each {
-                let eval = read_eval(&lm, args.eval.as_deref())?;
                 let mut outcome = update_each_held_out(
                     &lm,
                     &neurons,
@@ -268,6 +305,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                     &options,
                     storage,
                     eval.as_deref(),
+                    &anchors,
                     model,
                 )?;
                 outcome.report.holdout = args.holdout;
@@ -304,7 +342,8 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 return Ok(Outcome::Clean);
             }
             let (requests, held_out): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
-            let plan = plan_update(&lm, &neurons, &requests, &options, storage)?;
+            let plan =
+                plan_update_excluding(&lm, &neurons, &requests, &options, storage, &anchors)?;
             let edited = edited_facts(&lm, &plan, &requests, &held_out)?;
             (plan, Some(rule), None, edited)
         }
@@ -324,6 +363,13 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
     if let Some(path) = &args.eval {
         inputs.push(InputRecord {
             role: "eval".into(),
+            path: path.display().to_string(),
+            sha256: crate::model::files::sha256_file(path)?,
+        });
+    }
+    if let Some(path) = &args.anchors {
+        inputs.push(InputRecord {
+            role: "anchors".into(),
             path: path.display().to_string(),
             sha256: crate::model::files::sha256_file(path)?,
         });
@@ -391,6 +437,63 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
         )?;
     }
     Ok(Outcome::Clean)
+}
+
+/// The solved rule's anchor candidates: --anchors, else the neurons file; never a fact
+/// or prompt of the evaluation.
+fn anchor_pool(
+    lm: &LoadedModel,
+    neurons: &NeuronsFile,
+    args: &EditArgs,
+    rule: &UpdateRule,
+    eval: Option<&[EvalFact]>,
+) -> anyhow::Result<AnchorPool> {
+    if !matches!(rule, UpdateRule::Solve(_)) {
+        if args.anchors.is_some() {
+            bail!("--anchors is for --rule solve");
+        }
+        return Ok(AnchorPool::default());
+    }
+    let held_out = held_out_of(eval.unwrap_or_default());
+    Ok(match &args.anchors {
+        Some(path) => AnchorPool {
+            facts: anchor_facts(&read_eval(lm, Some(path))?.unwrap_or_default()),
+            held_out,
+        },
+        None => AnchorPool::from_neurons(lm, neurons, held_out)?,
+    })
+}
+
+/// The solved rule's knobs, checked.
+fn solve_options(args: &EditArgs) -> anyhow::Result<SolveOptions> {
+    let options = SolveOptions {
+        steps: args.solve_steps,
+        learning_rate: args.solve_rate,
+        growth: args.solve_growth,
+        target: args.solve_target,
+        locality: args.solve_locality,
+        size: args.solve_size,
+        anchors: args.solve_anchors,
+    };
+    if !(options.target > 0.0 && options.target < 1.0) {
+        bail!("--solve-target must be a probability above 0 and below 1");
+    }
+    for (name, value) in [
+        ("--solve-rate", options.learning_rate),
+        ("--solve-locality", options.locality),
+        ("--solve-size", options.size),
+    ] {
+        if !(value.is_finite() && value >= 0.0) {
+            bail!("{name} must be a finite number ≥ 0");
+        }
+    }
+    if options.learning_rate == 0.0 {
+        bail!("--solve-rate must be above 0");
+    }
+    if !(options.growth.is_finite() && (1.0..=2.0).contains(&options.growth)) {
+        bail!("--solve-growth must be between 1 and 2");
+    }
+    Ok(options)
 }
 
 /// The --eval facts, every line checked (a bad line is reported and the run refused).

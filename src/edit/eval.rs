@@ -8,12 +8,14 @@ use std::path::Path;
 
 use candle_core::DType;
 
+use super::solve::{AnchorFact, AnchorPool, HeldOut};
 use super::record::{
     AnswerMetrics, EditReport, EditedMetrics, FactEdit, FactMetrics, GoldMetrics, GroupMetrics,
     Operation, Skipped,
 };
 use super::{
-    apply_slots, plan_update, EditPlan, EraseValue, UpdateOptions, UpdateRequest, UpdateRule,
+    apply_slots, plan_update_excluding, EditPlan, EraseValue, UpdateOptions, UpdateRequest,
+    UpdateRule,
 };
 use crate::attribution::record::{FactLine, ModelInfo};
 use crate::attribution::run::fact_id;
@@ -551,6 +553,29 @@ pub fn encode_held_out(lm: &LoadedModel, prompts: &[String]) -> Result<Vec<Encod
     encode_prompts(lm, prompts)
 }
 
+/// Evaluation facts as the solver's anchor candidates.
+pub fn anchor_facts(facts: &[EvalFact]) -> Vec<AnchorFact> {
+    facts
+        .iter()
+        .map(|f| AnchorFact {
+            id: f.id.to_string(),
+            relation: f.relation.clone(),
+            prompts: f.prompts.clone(),
+        })
+        .collect()
+}
+
+/// The evaluation's facts and prompts, which the solved rule takes no anchor from.
+pub fn held_out_of(facts: &[EvalFact]) -> HeldOut {
+    HeldOut {
+        ids: facts.iter().map(|f| f.id.to_string()).collect(),
+        prompts: facts
+            .iter()
+            .flat_map(|f| f.prompts.iter().map(|p| p.ids.clone()))
+            .collect(),
+    }
+}
+
 /// An update measured one fact at a time ([`update_each`]).
 #[derive(Debug, Clone)]
 pub struct EachOutcome {
@@ -581,11 +606,18 @@ pub fn update_each(
 ) -> Result<EachOutcome> {
     let requests: Vec<(UpdateRequest, Vec<String>)> =
         requests.iter().map(|r| (r.clone(), Vec::new())).collect();
-    update_each_held_out(lm, neurons, &requests, options, storage, eval, model)
+    let anchors = match options.rule {
+        UpdateRule::Solve(_) => {
+            AnchorPool::from_neurons(lm, neurons, held_out_of(eval.unwrap_or_default()))?
+        }
+        _ => AnchorPool::default(),
+    };
+    update_each_held_out(lm, neurons, &requests, options, storage, eval, &anchors, model)
 }
 
 /// [`update_each`] with each request's held-out prompts ([`split_holdout`]), scored for
-/// generalization (none: no generalization for that fact).
+/// generalization (none: no generalization for that fact), and the solved rule's anchors.
+#[allow(clippy::too_many_arguments)]
 pub fn update_each_held_out(
     lm: &LoadedModel,
     neurons: &NeuronsFile,
@@ -593,6 +625,7 @@ pub fn update_each_held_out(
     options: &UpdateOptions,
     storage: DType,
     eval: Option<&[EvalFact]>,
+    anchors: &AnchorPool,
     model: ModelInfo,
 ) -> Result<EachOutcome> {
     let baseline = eval.map(|facts| gold_baseline(lm, facts)).transpose()?;
@@ -623,7 +656,14 @@ pub fn update_each_held_out(
     };
     let mut relations = BTreeSet::new();
     for (request, held_out) in requests {
-        let plan = plan_update(lm, neurons, std::slice::from_ref(request), options, storage)?;
+        let plan = plan_update_excluding(
+            lm,
+            neurons,
+            std::slice::from_ref(request),
+            options,
+            storage,
+            anchors,
+        )?;
         outcome.skipped.extend(plan.skipped);
         let Some(edit) = plan.facts.into_iter().next() else {
             continue;
@@ -647,6 +687,7 @@ pub fn update_each_held_out(
             edited_facts: own_metrics,
             same_relation: None,
             other_relation: None,
+            solved: edit.solved,
         };
         if let (Some(facts), Some(baseline)) = (eval, &baseline) {
             let own: BTreeSet<String> = edit.relation.iter().cloned().collect();

@@ -15,6 +15,7 @@
 pub mod eval;
 pub mod record;
 pub mod save;
+pub mod solve;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -30,6 +31,7 @@ use crate::predict::mask_distributions;
 use crate::probe::random_control;
 use crate::rng::SplitMix64;
 use record::{FactEdit, RelationErase, Skipped};
+use solve::{solve_slots, AnchorPool, HeldOut, SolveOptions};
 
 /// How an update moves a value slot `v` from the old answer's embedding `E_t` to the
 /// new one's `E_t′`.
@@ -49,6 +51,9 @@ pub enum UpdateRule {
         /// f.
         factor: f64,
     },
+    /// Not a rule per slot: the smallest change of the fact's slots that makes the new
+    /// answer win while other facts' outputs stay ([`solve`]).
+    Solve(SolveOptions),
 }
 
 impl UpdateRule {
@@ -63,11 +68,18 @@ impl UpdateRule {
         match self {
             Self::Scaled { .. } => "scaled",
             Self::Fixed { .. } => "fixed",
+            Self::Solve(_) => "solve",
         }
     }
 
-    /// The new value slot.
-    pub fn apply(&self, slot: &[f32], old_embedding: &[f32], new_embedding: &[f32]) -> Vec<f32> {
+    /// The new value slot by a rule per slot; `None` for [`Self::Solve`], which changes a
+    /// fact's slots together ([`plan_update`] solves them).
+    pub fn apply(
+        &self,
+        slot: &[f32],
+        old_embedding: &[f32],
+        new_embedding: &[f32],
+    ) -> Option<Vec<f32>> {
         let (down, up) = match *self {
             Self::Scaled {
                 lambda_old,
@@ -80,13 +92,16 @@ impl UpdateRule {
                 )
             }
             Self::Fixed { factor } => (factor, factor),
+            Self::Solve(_) => return None,
         };
-        slot.iter()
-            .zip(old_embedding.iter().zip(new_embedding))
-            .map(|(&v, (&e_old, &e_new))| {
-                (f64::from(v) - down * f64::from(e_old) + up * f64::from(e_new)) as f32
-            })
-            .collect()
+        Some(
+            slot.iter()
+                .zip(old_embedding.iter().zip(new_embedding))
+                .map(|(&v, (&e_old, &e_new))| {
+                    (f64::from(v) - down * f64::from(e_old) + up * f64::from(e_new)) as f32
+                })
+                .collect(),
+        )
     }
 }
 
@@ -162,6 +177,15 @@ impl<'a> SlotEditor<'a> {
             );
         }
         Ok(self.slots.get_mut(&neuron).expect("inserted above"))
+    }
+
+    /// The slots changed so far (what [`apply_slots`] needs to see the edits made).
+    pub fn changed(&self) -> Vec<SlotEdit> {
+        self.slots
+            .values()
+            .filter(|s| s.old != s.new)
+            .cloned()
+            .collect()
     }
 
     /// The slots that changed, by neuron.
@@ -314,6 +338,23 @@ pub fn plan_update(
     options: &UpdateOptions,
     storage: DType,
 ) -> Result<EditPlan> {
+    let anchors = match options.rule {
+        UpdateRule::Solve(_) => AnchorPool::from_neurons(lm, neurons, HeldOut::default())?,
+        _ => AnchorPool::default(),
+    };
+    plan_update_excluding(lm, neurons, requests, options, storage, &anchors)
+}
+
+/// [`plan_update`] with the solved rule's anchors drawn from `anchors` (by default, the
+/// neurons file's facts, none of the evaluation's).
+pub fn plan_update_excluding(
+    lm: &LoadedModel,
+    neurons: &NeuronsFile,
+    requests: &[UpdateRequest],
+    options: &UpdateOptions,
+    storage: DType,
+    anchors: &AnchorPool,
+) -> Result<EditPlan> {
     let mut editor = SlotEditor::new(&lm.model, storage);
     let mut plan = EditPlan::default();
     for request in requests {
@@ -362,14 +403,40 @@ pub fn plan_update(
             )));
             continue;
         }
-        let old_embedding = word_embedding(&lm.model, old_id)?;
-        let new_embedding = word_embedding(&lm.model, new_id)?;
-        for &neuron in &chosen {
-            let slot = editor.slot(neuron)?;
-            editor.set(
-                neuron,
-                options.rule.apply(&slot, &old_embedding, &new_embedding),
+        let mut solved = None;
+        if let UpdateRule::Solve(solve) = options.rule {
+            // Solved on the model with this run's earlier edits in it.
+            let current = apply_slots(&lm.model, &editor.changed())?;
+            let slots = chosen
+                .iter()
+                .map(|&n| Ok((n, editor.slot(n)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let own = encode_prompts(lm, &fact.prompts)?;
+            let anchors = anchors.draw(&fact.id, fact.relation.as_deref(), &own, solve.anchors);
+            let (new_slots, outcome) = solve_slots(
+                &current,
+                lm.config.max_position_embeddings,
+                &slots,
+                &encoded,
+                new_id,
+                &anchors,
+                &solve,
             )?;
+            for ((neuron, _), values) in slots.iter().zip(new_slots) {
+                editor.set(*neuron, values)?;
+            }
+            solved = Some(outcome);
+        } else {
+            let old_embedding = word_embedding(&lm.model, old_id)?;
+            let new_embedding = word_embedding(&lm.model, new_id)?;
+            for &neuron in &chosen {
+                let slot = editor.slot(neuron)?;
+                let values = options
+                    .rule
+                    .apply(&slot, &old_embedding, &new_embedding)
+                    .expect("a rule per slot");
+                editor.set(neuron, values)?;
+            }
         }
         plan.facts.push(FactEdit {
             id: fact.id.clone(),
@@ -380,6 +447,7 @@ pub fn plan_update(
             relation_level,
             correct_prompts: correct,
             prompts: encoded.len(),
+            solved,
         });
     }
     plan.slots = editor.finish();
@@ -466,10 +534,12 @@ mod tests {
         let v = [3.0f32, 4.0]; // ‖v‖ = 5
         let e_old = [1.0f32, 0.0]; // ‖E_t‖ = 1
         let e_new = [0.0f32, 2.0]; // ‖E_t′‖ = 2
-        let new = UpdateRule::PAPER.apply(&v, &e_old, &e_new);
+        let new = UpdateRule::PAPER.apply(&v, &e_old, &e_new).unwrap();
         // λ1 = 1·5/1 = 5, λ2 = 8·5/2 = 20: v − 5·E_t + 20·E_t′ = (3 − 5, 4 + 40)
         assert_eq!(new, vec![-2.0, 44.0]);
-        let fixed = UpdateRule::Fixed { factor: 2.0 }.apply(&v, &e_old, &e_new);
+        let fixed = UpdateRule::Fixed { factor: 2.0 }
+            .apply(&v, &e_old, &e_new)
+            .unwrap();
         assert_eq!(fixed, vec![1.0, 8.0]);
     }
 

@@ -88,6 +88,9 @@ pub struct FactEdit {
     pub correct_prompts: usize,
     /// Prompts of the fact.
     pub prompts: usize,
+    /// What the solved rule reached (`--rule solve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solved: Option<super::solve::SolveOutcome>,
 }
 
 /// A neuron with the number of a relation's facts that hold it.
@@ -287,6 +290,9 @@ pub struct FactMetrics {
     /// Evaluation facts of the other relations (with `--eval`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub other_relation: Option<GroupMetrics>,
+    /// What the solved rule reached (`--rule solve`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub solved: Option<super::solve::SolveOutcome>,
 }
 
 /// `--report`: what an edit changed.
