@@ -165,7 +165,10 @@ fn solve_changes_only_the_chosen_slots_reverts_exactly_and_beats_the_papers_rule
             let layer = layer.unwrap_or_else(|| panic!("{name}[{at}] changed"));
             let width = old.dims()[1];
             let column = (layer, at % width);
-            assert!(chosen.contains(&column), "{name}[{at}]: neuron {column:?} not chosen");
+            assert!(
+                chosen.contains(&column),
+                "{name}[{at}]: neuron {column:?} not chosen"
+            );
             moved.insert(column);
         }
     }
@@ -219,8 +222,7 @@ fn solve_holds_on_a_smollm2_subset() {
         .arg(&report_path)
         .assert()
         .success();
-    let report: EditReport =
-        serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
+    let report: EditReport = serde_json::from_slice(&std::fs::read(&report_path).unwrap()).unwrap();
     // Measured (2026-12-03, `kn edit … --rule solve` as here): reliability 100% on 46
     // prompts, generalization 100% on 8 held-out prompts, other relations' locality
     // 94.1% (perplexity 4.53 → 4.24). Asserted with margins of about half.

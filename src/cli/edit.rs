@@ -20,11 +20,11 @@ use crate::edit::record::{
     EditReport, EditedMetrics, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
 };
 use crate::edit::save::{revert, storage_dtype, write_edited_model};
+use crate::edit::solve::{AnchorPool, SolveOptions};
 use crate::edit::{
     apply_slots, plan_erase, plan_update_excluding, EditPlan, EraseOptions, EraseValue,
     UpdateOptions, UpdateRequest, UpdateRule,
 };
-use crate::edit::solve::{AnchorPool, SolveOptions};
 use crate::model::files::sha256_bytes;
 use crate::model::{DeviceChoice, LoadedModel};
 use crate::predict::encode_prompts;
@@ -187,10 +187,10 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
         &args.revert,
         &args.anchors,
     ]
-        .into_iter()
-        .flatten()
-        .cloned()
-        .collect();
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect();
     let outputs: Vec<&Path> = [
         args.out.as_deref().filter(|_| !args.dry_run),
         args.report.as_deref(),

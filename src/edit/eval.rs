@@ -8,11 +8,11 @@ use std::path::Path;
 
 use candle_core::DType;
 
-use super::solve::{AnchorFact, AnchorPool, HeldOut};
 use super::record::{
     AnswerMetrics, EditReport, EditedMetrics, FactEdit, FactMetrics, GoldMetrics, GroupMetrics,
     Operation, Skipped,
 };
+use super::solve::{AnchorFact, AnchorPool, HeldOut};
 use super::{
     apply_slots, plan_update_excluding, EditPlan, EraseValue, UpdateOptions, UpdateRequest,
     UpdateRule,
@@ -612,7 +612,9 @@ pub fn update_each(
         }
         _ => AnchorPool::default(),
     };
-    update_each_held_out(lm, neurons, &requests, options, storage, eval, &anchors, model)
+    update_each_held_out(
+        lm, neurons, &requests, options, storage, eval, &anchors, model,
+    )
 }
 
 /// [`update_each`] with each request's held-out prompts ([`split_holdout`]), scored for

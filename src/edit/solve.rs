@@ -70,7 +70,11 @@ pub struct AnchorPool {
 
 impl AnchorPool {
     /// The facts of a neurons file (the prompts they were attributed on).
-    pub fn from_neurons(lm: &LoadedModel, neurons: &NeuronsFile, held_out: HeldOut) -> Result<Self> {
+    pub fn from_neurons(
+        lm: &LoadedModel,
+        neurons: &NeuronsFile,
+        held_out: HeldOut,
+    ) -> Result<Self> {
         let facts = neurons
             .records
             .iter()
@@ -118,9 +122,10 @@ impl AnchorPool {
                 if chosen.len() - start == wanted {
                     break;
                 }
-                let usable = fact.prompts.iter().find(|p| {
-                    !self.held_out.prompts.contains(&p.ids) && !own.contains(&p.ids[..])
-                });
+                let usable = fact
+                    .prompts
+                    .iter()
+                    .find(|p| !self.held_out.prompts.contains(&p.ids) && !own.contains(&p.ids[..]));
                 chosen.extend(usable.cloned());
             }
         }
@@ -287,7 +292,9 @@ pub fn solve_slots(
     options: &SolveOptions,
 ) -> Result<(Vec<Vec<f32>>, SolveOutcome)> {
     if slots.is_empty() || prompts.is_empty() {
-        return Err(Error::Neuron("the solved update needs neurons and prompts".into()));
+        return Err(Error::Neuron(
+            "the solved update needs neurons and prompts".into(),
+        ));
     }
     let device = model.device().clone();
     let width = model.config().intermediate_size;
@@ -336,9 +343,16 @@ pub fn solve_slots(
         // floored at a twentieth of the layer's most active chosen neuron's.
         let active: Vec<f64> = indices.iter().map(|&i| activations[at][i]).collect();
         let floor = active.iter().cloned().fold(0f64, f64::max) / 20.0;
+        // A neuron silent at every answer position cannot carry the edit: it stays.
         let scale: Vec<f32> = active
             .iter()
-            .map(|&a| (output_sizes[at] / a.max(floor).max(1e-12)) as f32)
+            .map(|&a| {
+                if a > 0.0 {
+                    (output_sizes[at] / a.max(floor)) as f32
+                } else {
+                    0.0
+                }
+            })
             .collect();
         layer.scale = Tensor::from_vec(scale, (1, indices.len()), &device)?;
     }
@@ -391,11 +405,7 @@ pub fn solve_slots(
         let kl = match (&anchor, &anchor_before) {
             (Some(batch), Some(before)) => {
                 let after = batch.log_probabilities(&current)?;
-                Some(
-                    (before.exp()? * (before - after)?)?
-                        .sum(1)?
-                        .mean(0)?,
-                )
+                Some((before.exp()? * (before - after)?)?.sum(1)?.mean(0)?)
             }
             _ => None,
         };
@@ -472,8 +482,11 @@ mod tests {
 
     #[test]
     fn log_softmax_matches_the_definition() {
-        let x = Tensor::new(&[[1f32, 2.0, 3.0], [0.0, -1.0, 5.0]], &candle_core::Device::Cpu)
-            .unwrap();
+        let x = Tensor::new(
+            &[[1f32, 2.0, 3.0], [0.0, -1.0, 5.0]],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         let got = log_softmax(&x).unwrap().to_vec2::<f32>().unwrap();
         for (row, values) in got.iter().zip([[1f64, 2.0, 3.0], [0.0, -1.0, 5.0]]) {
             let z: f64 = values.iter().map(|v| v.exp()).sum();
@@ -481,5 +494,51 @@ mod tests {
                 assert!((f64::from(*g) - (v - z.ln())).abs() < 1e-6);
             }
         }
+    }
+
+    fn prompt(ids: &[u32]) -> EncodedPrompt {
+        EncodedPrompt {
+            ids: ids.to_vec(),
+            tokens: ids.iter().map(|i| i.to_string()).collect(),
+            mask_position: ids.len() - 1,
+            dropped: None,
+        }
+    }
+
+    #[test]
+    fn anchors_are_other_facts_half_of_the_relation_never_held_out() {
+        // Facts 0..10, relation "a" for the even ones, "b" for the odd; fact n's prompts
+        // are [n, 0] and [n, 1].
+        let facts: Vec<AnchorFact> = (0..10u32)
+            .map(|n| AnchorFact {
+                id: serde_json::json!(n).to_string(),
+                relation: Some(if n % 2 == 0 { "a" } else { "b" }.into()),
+                prompts: vec![prompt(&[n, 0]), prompt(&[n, 1])],
+            })
+            .collect();
+        let mut held_out = HeldOut::default();
+        held_out.ids.insert(serde_json::json!(4).to_string());
+        held_out.prompts.insert(vec![6, 0]);
+        let pool = AnchorPool { facts, held_out };
+        let own = [prompt(&[2, 0])];
+        let anchors = pool.draw(&serde_json::json!(2), Some("a"), &own, 4);
+        let firsts: Vec<u32> = anchors.iter().map(|p| p.ids[0]).collect();
+        assert_eq!(anchors.len(), 4);
+        // Two of relation a (not fact 2 itself, not the held-out fact 4), two of b.
+        assert_eq!(firsts.iter().filter(|&&n| n % 2 == 0).count(), 2);
+        assert!(!firsts.contains(&2) && !firsts.contains(&4));
+        // Fact 6's first prompt is held out: its second one stands in.
+        for p in &anchors {
+            assert_ne!(p.ids, vec![6, 0]);
+            if p.ids[0] != 6 {
+                assert_eq!(p.ids[1], 0, "a fact's first usable prompt");
+            }
+        }
+        // The same fact draws the same anchors; another fact other ones.
+        let again = pool.draw(&serde_json::json!(2), Some("a"), &own, 4);
+        assert_eq!(again, anchors);
+        // Too few of the relation: the others fill in.
+        let many = pool.draw(&serde_json::json!(2), Some("a"), &own, 12);
+        assert_eq!(many.len(), 8, "3 of a (0, 6, 8) and all 5 of b");
     }
 }
