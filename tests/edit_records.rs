@@ -190,8 +190,13 @@ fn close(actual: f64, expected: f64) {
 
 /// Runs `kn edit --dry-run` on [`UPDATES`] with `extra` arguments; the report and stderr.
 fn edit(s: &Setup, extra: &[&str]) -> (EditReport, String) {
+    edit_lines(s, UPDATES, extra)
+}
+
+/// Runs `kn edit --dry-run` on the update lines `updates`.
+fn edit_lines(s: &Setup, updates: &str, extra: &[&str]) -> (EditReport, String) {
     let update = s.dir.join("update.jsonl");
-    std::fs::write(&update, UPDATES).unwrap();
+    std::fs::write(&update, updates).unwrap();
     let report = s.dir.join("report.json");
     let _ = std::fs::remove_file(&report);
     let output = kn()
@@ -348,4 +353,24 @@ fn a_counterfact_record_without_target_new_names_the_file_and_line() {
     );
     assert!(!report.exists());
     assert!(!out.exists());
+}
+
+#[test]
+fn a_kn_line_with_the_same_prompts_reports_what_the_counterfact_record_does() {
+    let s = setup();
+    let counterfact = UPDATES.lines().next().unwrap().to_string() + "\n";
+    let (from_record, _) = edit_lines(&s, &counterfact, &[]);
+    let kn_line = json!({
+        "id": 7, "relation": "P36", "answer": "paris", "new_answer": "rome",
+        "prompts": [FACTS[0].0],
+        "paraphrases": FACTS[0].1,
+        "locality": [FACTS[0].2[0], {"prompt": FACTS[0].2[1], "answer": "paris"}],
+    })
+    .to_string()
+        + "\n";
+    let (from_kn, _) = edit_lines(&s, &kn_line, &[]);
+    let e = from_kn.edited_facts.unwrap();
+    assert_eq!((e.held_out_prompts, e.record_locality_prompts), (2, 2));
+    assert_eq!(from_kn.edited_facts, from_record.edited_facts);
+    assert_eq!(from_kn.relations, ["P36"]);
 }
