@@ -164,8 +164,11 @@ fn parse_as<T: serde::de::DeserializeOwned>(
     map: Map<String, Value>,
     shape: Shape,
 ) -> Result<T, String> {
-    serde_json::from_value(Value::Object(map))
-        .map_err(|e| format!("not a valid {} record: {e}", shape.name()))
+    serde_json::from_value(Value::Object(map)).map_err(|e| match shape {
+        // kn's own lines keep the words every kn input uses.
+        Shape::Kn => format!("not a valid record: {e}"),
+        _ => format!("not a valid {} record: {e}", shape.name()),
+    })
 }
 
 /// kn's own line.
