@@ -303,6 +303,7 @@ fn updates(
             let edited = [EditedFact {
                 prompts: encode_prompts(lm, &request.fact.prompts)?,
                 held_out: Vec::new(),
+                locality: Vec::new(),
                 old_id: record.answer_id,
                 new_id: lm.tokenizer.answer_id(new_answer)?,
             }];

@@ -12,6 +12,7 @@ mod decoders_cli;
 mod docs;
 mod edit;
 mod edit_metrics;
+mod edit_records;
 mod edit_solve;
 mod fact_model;
 mod findings;

@@ -14,11 +14,12 @@ use crate::data::output::write_whole;
 use crate::data::{JsonlInput, LineErrors, SeenIds};
 use crate::edit::eval::{
     anchor_facts, build_report, encode_held_out, held_out_of, read_eval_facts, split_holdout,
-    update_each_held_out, EditedFact, EvalFact, ReportInputs,
+    update_each_records, EditedFact, EvalFact, FactPrompts, ReportInputs,
 };
 use crate::edit::record::{
     EditReport, EditedMetrics, EditsFile, GroupMetrics, InputRecord, Operation, SourceRecord,
 };
+use crate::edit::records::parse_update;
 use crate::edit::save::{revert, storage_dtype, write_edited_model};
 use crate::edit::solve::{AnchorPool, SolveOptions};
 use crate::edit::{
@@ -70,7 +71,8 @@ pub(super) struct EditArgs {
     #[arg(long, value_name = "FILE|-", required_unless_present = "revert")]
     neurons: Option<PathBuf>,
     /// Facts to update (JSONL): the neurons file's ids with "new_answer" (and optionally
-    /// "answer", "relation", "prompts").
+    /// "answer", "relation", "prompts", "paraphrases", "locality"), or CounterFact or
+    /// ZsRE records, one a line.
     #[arg(long, value_name = "FILE|-")]
     update: Option<PathBuf>,
     /// Relations to erase, comma-separated.
@@ -163,15 +165,6 @@ pub(super) struct EditArgs {
     /// Print nothing on stderr but errors.
     #[arg(long, short)]
     quiet: bool,
-}
-
-/// One line of an --update file.
-#[derive(Debug, serde::Deserialize)]
-struct UpdateLine {
-    #[serde(flatten)]
-    fact: crate::attribution::record::FactLine,
-    #[serde(default)]
-    new_answer: Option<String>,
 }
 
 pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
@@ -298,7 +291,7 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
             let eval = read_eval(&lm, args.eval.as_deref())?;
             let anchors = anchor_pool(&lm, &neurons, &args, &rule, eval.as_deref())?;
             if args.each {
-                let mut outcome = update_each_held_out(
+                let mut outcome = update_each_records(
                     &lm,
                     &neurons,
                     &requests,
@@ -341,10 +334,10 @@ pub(super) fn run(args: EditArgs) -> anyhow::Result<Outcome> {
                 }
                 return Ok(Outcome::Clean);
             }
-            let (requests, held_out): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
+            let (requests, extra): (Vec<_>, Vec<_>) = requests.into_iter().unzip();
             let plan =
                 plan_update_excluding(&lm, &neurons, &requests, &options, storage, &anchors)?;
-            let edited = edited_facts(&lm, &plan, &requests, &held_out)?;
+            let edited = edited_facts(&lm, &plan, &requests, &extra)?;
             (plan, Some(rule), None, edited)
         }
         _ => {
@@ -525,9 +518,11 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Parses the --update file: every line must name a fact of the neurons file and a new
+/// Parses the --update file: every line (kn's own fields, or a CounterFact or ZsRE
+/// record, [`crate::edit::records`]) must name a fact of the neurons file and a new
 /// answer, both single tokens, with prompts the model takes (more than `holdout` of
-/// them). Each request comes with its held-out prompts.
+/// them). Each request comes with its held-out prompts (then its record's paraphrases)
+/// and its record's locality prompts.
 fn read_updates<'a>(
     lm: &LoadedModel,
     neurons: &'a NeuronsFile,
@@ -535,18 +530,24 @@ fn read_updates<'a>(
     bytes: Vec<u8>,
     holdout: usize,
     errors: &mut LineErrors,
-) -> anyhow::Result<Vec<(UpdateRequest<'a>, Vec<String>)>> {
+) -> anyhow::Result<Vec<(UpdateRequest<'a>, FactPrompts)>> {
     let mut input = JsonlInput::from_reader(path, Box::new(BufReader::new(Cursor::new(bytes))));
     let mut requests = Vec::new();
     let mut seen = SeenIds::default();
-    while let Some((line, update)) = input.next_record::<UpdateLine>(errors)? {
-        let checked = seen
-            .check(&fact_id(&update.fact, line), line)
-            .and_then(|()| neurons.resolve(&update.fact, line))
+    while let Some((line, value)) = input.next_record::<serde_json::Value>(errors)? {
+        let checked = parse_update(value)
+            .and_then(|update| {
+                seen.check(&fact_id(&update.fact, line), line)?;
+                let fact = neurons.resolve(&update.fact, line)?;
+                Ok((update, fact))
+            })
             .map_err(|reason| input.error(line, reason))
-            .and_then(|mut fact| {
-                let held_out = split_holdout(&mut fact.prompts, holdout)
+            .and_then(|(update, mut fact)| {
+                let mut held_out = split_holdout(&mut fact.prompts, holdout)
                     .map_err(|e| input.error(line, format!("fact {}: {e}", fact.id)))?;
+                held_out.extend(update.paraphrases.iter().cloned());
+                let locality: Vec<String> =
+                    update.locality.iter().map(|l| l.prompt.clone()).collect();
                 let new_answer = update
                     .new_answer
                     .clone()
@@ -556,8 +557,12 @@ fn read_updates<'a>(
                     .and_then(|_| lm.tokenizer.answer_id(&new_answer))
                     .and_then(|_| encode_prompts(lm, &fact.prompts))
                     .and_then(|_| encode_held_out(lm, &held_out))
+                    .and_then(|_| encode_held_out(lm, &locality))
                     .map_err(|e| input.error(line, e))?;
-                Ok((UpdateRequest { fact, new_answer }, held_out))
+                Ok((
+                    UpdateRequest { fact, new_answer },
+                    FactPrompts { held_out, locality },
+                ))
             });
         match checked {
             Ok(request) => requests.push(request),
@@ -572,7 +577,7 @@ fn edited_facts(
     lm: &LoadedModel,
     plan: &EditPlan,
     requests: &[UpdateRequest],
-    held_out: &[Vec<String>],
+    extra: &[FactPrompts],
 ) -> anyhow::Result<Vec<EditedFact>> {
     plan.facts
         .iter()
@@ -583,7 +588,8 @@ fn edited_facts(
                 .context("an edited fact that was not asked for")?;
             Ok(EditedFact {
                 prompts: encode_prompts(lm, &requests[at].fact.prompts)?,
-                held_out: encode_held_out(lm, &held_out[at])?,
+                held_out: encode_held_out(lm, &extra[at].held_out)?,
+                locality: encode_held_out(lm, &extra[at].locality)?,
                 old_id: lm.tokenizer.answer_id(&edit.answer)?,
                 new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
             })
@@ -708,6 +714,13 @@ fn editors_line(e: &EditedMetrics) -> String {
             e.held_out_prompts
         )),
         None => line.push_str(", generalization: no held-out prompts (--holdout)"),
+    }
+    if let (Some(l), Some(kl)) = (e.record_locality, e.record_locality_kl) {
+        line.push_str(&format!(
+            ", record locality {:.1}% (mean KL {kl:.4}) on {} locality prompt(s)",
+            100.0 * l,
+            e.record_locality_prompts
+        ));
     }
     line
 }

@@ -303,8 +303,11 @@ pub fn evaluate_gold_against(
 pub struct EditedFact {
     /// The prompts the edit used.
     pub prompts: Vec<EncodedPrompt>,
-    /// Its prompts held out of the edit (`--holdout`), scored as paraphrases.
+    /// Its prompts held out of the edit (`--holdout`) and its update record's
+    /// paraphrases, scored for generalization.
     pub held_out: Vec<EncodedPrompt>,
+    /// Its update record's locality prompts, scored for the edit leaving them alone.
+    pub locality: Vec<EncodedPrompt>,
     /// The answer before.
     pub old_id: u32,
     /// The answer wanted.
@@ -313,7 +316,8 @@ pub struct EditedFact {
 
 /// Success, success@5, change rate and MRR of the new answers, before and after, on the
 /// prompts the edit used; reliability on those prompts and generalization on the
-/// held-out ones, after.
+/// held-out ones (and paraphrases), after; locality and KL on the records' locality
+/// prompts, fact by fact.
 pub fn evaluate_edited(
     before: &LoadedModel,
     after: &LoadedModel,
@@ -353,6 +357,14 @@ pub fn evaluate_edited(
             generalized += usize::from(d.top_k(1).first().map(|t| t.0) == Some(fact.new_id));
         }
     }
+    let mut locality = LocalitySums::default();
+    for fact in facts.iter().filter(|f| !f.locality.is_empty()) {
+        locality.add(LocalitySums::of(
+            &mask_distributions(before, &fact.locality, &())?,
+            &mask_distributions(after, &fact.locality, &())?,
+        ));
+    }
+    let (record_locality, record_locality_kl) = locality.rates();
     Ok(EditedMetrics {
         facts: facts.len(),
         prompts,
@@ -362,6 +374,9 @@ pub fn evaluate_edited(
         reliability: Some(after_metrics.success),
         held_out_prompts: held_out,
         generalization: (held_out > 0).then(|| generalized as f64 / held_out as f64),
+        record_locality_prompts: locality.prompts,
+        record_locality,
+        record_locality_kl,
     })
 }
 
@@ -489,6 +504,7 @@ struct AnswerPool {
     sums: [[f64; 4]; 2],
     held_out: usize,
     generalized: f64,
+    locality: LocalitySums,
 }
 
 impl AnswerPool {
@@ -506,6 +522,13 @@ impl AnswerPool {
         }
         self.held_out += m.held_out_prompts;
         self.generalized += m.generalization.unwrap_or(0.0) * m.held_out_prompts as f64;
+        let n = m.record_locality_prompts;
+        self.locality.add(LocalitySums {
+            prompts: n,
+            // Exact: a count over n prompts, rounded back.
+            unchanged: (m.record_locality.unwrap_or(0.0) * n as f64).round() as usize,
+            kl: m.record_locality_kl.unwrap_or(0.0) * n as f64,
+        });
     }
 
     fn finish(&self) -> EditedMetrics {
@@ -525,6 +548,9 @@ impl AnswerPool {
             reliability: Some(after.success),
             held_out_prompts: self.held_out,
             generalization: (self.held_out > 0).then(|| self.generalized / self.held_out as f64),
+            record_locality_prompts: self.locality.prompts,
+            record_locality: self.locality.rates().0,
+            record_locality_kl: self.locality.rates().1,
         }
     }
 }
@@ -630,6 +656,46 @@ pub fn update_each_held_out(
     anchors: &AnchorPool,
     model: ModelInfo,
 ) -> Result<EachOutcome> {
+    let requests: Vec<(UpdateRequest, FactPrompts)> = requests
+        .iter()
+        .map(|(r, held_out)| {
+            (
+                r.clone(),
+                FactPrompts {
+                    held_out: held_out.clone(),
+                    locality: Vec::new(),
+                },
+            )
+        })
+        .collect();
+    update_each_records(
+        lm, neurons, &requests, options, storage, eval, anchors, model,
+    )
+}
+
+/// An updated fact's prompts that the edit does not use, only the report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FactPrompts {
+    /// Held out of the edit (`--holdout`) and the update record's paraphrases: scored
+    /// for generalization.
+    pub held_out: Vec<String>,
+    /// The update record's locality prompts: scored for locality and KL.
+    pub locality: Vec<String>,
+}
+
+/// [`update_each_held_out`] with each request's update-record prompts: paraphrases
+/// pooled with the held-out prompts, and locality prompts.
+#[allow(clippy::too_many_arguments)]
+pub fn update_each_records(
+    lm: &LoadedModel,
+    neurons: &NeuronsFile,
+    requests: &[(UpdateRequest, FactPrompts)],
+    options: &UpdateOptions,
+    storage: DType,
+    eval: Option<&[EvalFact]>,
+    anchors: &AnchorPool,
+    model: ModelInfo,
+) -> Result<EachOutcome> {
     let baseline = eval.map(|facts| gold_baseline(lm, facts)).transpose()?;
     let mut answers = AnswerPool::default();
     let (mut same, mut other) = (GroupPool::default(), GroupPool::default());
@@ -657,7 +723,7 @@ pub fn update_each_held_out(
         slot_changes: 0,
     };
     let mut relations = BTreeSet::new();
-    for (request, held_out) in requests {
+    for (request, extra) in requests {
         let plan = plan_update_excluding(
             lm,
             neurons,
@@ -677,7 +743,8 @@ pub fn update_each_held_out(
         };
         let edited = EditedFact {
             prompts: encode_prompts(lm, &request.fact.prompts)?,
-            held_out: encode_held_out(lm, held_out)?,
+            held_out: encode_held_out(lm, &extra.held_out)?,
+            locality: encode_held_out(lm, &extra.locality)?,
             old_id: lm.tokenizer.answer_id(&edit.answer)?,
             new_id: lm.tokenizer.answer_id(&edit.new_answer)?,
         };
@@ -806,6 +873,9 @@ mod tests {
             reliability: Some(success),
             held_out_prompts: held_out,
             generalization,
+            record_locality_prompts: 0,
+            record_locality: None,
+            record_locality_kl: None,
         };
         let mut pool = AnswerPool::default();
         pool.add(&edit(1.0, 1, Some(1.0)));
@@ -819,5 +889,39 @@ mod tests {
         let mut none = AnswerPool::default();
         none.add(&edit(1.0, 0, None));
         assert_eq!(none.finish().generalization, None);
+    }
+
+    #[test]
+    fn pooled_record_locality_is_weighted_by_locality_prompts() {
+        let answers = AnswerMetrics {
+            success: 0.0,
+            success_at_5: 0.0,
+            change_rate: 0.0,
+            mrr: 0.0,
+        };
+        let edit = |n: usize, locality: Option<f64>, kl: Option<f64>| EditedMetrics {
+            facts: 1,
+            prompts: 1,
+            before: answers,
+            after: answers,
+            reliability: Some(0.0),
+            held_out_prompts: 0,
+            generalization: None,
+            record_locality_prompts: n,
+            record_locality: locality,
+            record_locality_kl: kl,
+        };
+        let mut pool = AnswerPool::default();
+        pool.add(&edit(1, Some(0.0), Some(0.4)));
+        pool.add(&edit(3, Some(2.0 / 3.0), Some(0.2)));
+        pool.add(&edit(0, None, None));
+        let pooled = pool.finish();
+        // 2 of 4 prompts kept their top-1; KL (0.4 + 3·0.2) / 4.
+        assert_eq!(pooled.record_locality_prompts, 4);
+        assert_eq!(pooled.record_locality, Some(0.5));
+        assert!((pooled.record_locality_kl.unwrap() - 0.25).abs() < 1e-12);
+        let mut none = AnswerPool::default();
+        none.add(&edit(0, None, None));
+        assert_eq!(none.finish().record_locality, None);
     }
 }

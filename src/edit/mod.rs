@@ -14,6 +14,7 @@
 
 pub mod eval;
 pub mod record;
+pub mod records;
 pub mod save;
 pub mod solve;
 

@@ -47,7 +47,9 @@
 //!
 //! The editors' metrics (as the model-editing literature names them) sit beside the
 //! paper's: `reliability` (top-1 is the new answer on the prompts the edit used),
-//! `generalization` (the same on the `--holdout` prompts, kept out of the edit) and,
+//! `generalization` (the same on the `--holdout` prompts, kept out of the edit, and on
+//! the update records' own paraphrases), `record_locality` and `record_locality_kl`
+//! (on the update records' own locality prompts, over `record_locality_prompts`) and,
 //! per evaluation set, `locality` (top-1 unchanged by the edit) and `kl` (mean
 //! `KL(before ‖ after)`). Reports without them (older kn) still read.
 
@@ -243,6 +245,17 @@ pub struct EditedMetrics {
     /// prompts. Absent without `--holdout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generalization: Option<f64>,
+    /// The update records' own locality prompts (CounterFact's `neighborhood_prompts`,
+    /// ZsRE's `loc`, kn's `locality`), over all edited facts. Absent without them.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub record_locality_prompts: usize,
+    /// Locality on those prompts: the share whose top-1 is the same after the edit as
+    /// before. Absent without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_locality: Option<f64>,
+    /// Mean `KL(before ‖ after)` (nats) on those prompts. Absent without them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record_locality_kl: Option<f64>,
 }
 
 fn is_zero(n: &usize) -> bool {

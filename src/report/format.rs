@@ -212,6 +212,13 @@ pub fn summary(report: &Report) -> String {
                 if let Some(g) = f.generalization {
                     editors.push_str(&format!(", generalization {}", pct(Some(g))));
                 }
+                if let Some(l) = f.record_locality {
+                    editors.push_str(&format!(
+                        ", record locality {} on {} prompt(s)",
+                        pct(Some(l)),
+                        f.record_locality_prompts
+                    ));
+                }
                 parts.push(editors);
             }
         }
