@@ -118,10 +118,7 @@ fn solve_changes_only_the_chosen_slots_reverts_exactly_and_beats_the_papers_rule
     // on 14 of 14, and keeps the top-1 of 58.9% of the edited relations' other facts'
     // prompts (this small model's facts share most of their neurons with their
     // relation's: 12 to 58 refined neurons a fact).
-    let (s, p) = (
-        solved.edited_facts.unwrap(),
-        paper.edited_facts.unwrap(),
-    );
+    let (s, p) = (solved.edited_facts.unwrap(), paper.edited_facts.unwrap());
     assert_eq!((s.facts, s.prompts), (3, 14));
     assert!(p.after.success <= 0.1, "paper's rule: {:?}", p.after);
     assert!(s.after.success >= 0.9, "solve: {:?}", s.after);
