@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{JsonlInput, JsonlWriter, LineErrors};
 use crate::error::{Error, Result};
-use crate::model::{EncodedPrompt, FfnHook, LoadedModel};
+use crate::model::{EncodedPrompt, FfnHook, LanguageModel, LoadedModel};
 
 /// One input line of `kn predict`.
 #[derive(Debug, Clone, Deserialize)]
@@ -178,21 +178,14 @@ pub fn mask_distributions(
     prompts: &[EncodedPrompt],
     hook: &dyn FfnHook,
 ) -> Result<Vec<MaskDistribution>> {
-    let Some(seq) = prompts.iter().map(|p| p.ids.len()).max() else {
+    if prompts.is_empty() {
         return Ok(Vec::new());
-    };
-    lm.config.check_prompt_tokens(seq).map_err(Error::Prompt)?;
-    let batch = prompts.len();
-    let mut ids = vec![0u32; batch * seq];
-    let mut keep = vec![0u32; batch * seq];
-    for (b, prompt) in prompts.iter().enumerate() {
-        ids[b * seq..b * seq + prompt.ids.len()].copy_from_slice(&prompt.ids);
-        keep[b * seq..b * seq + prompt.ids.len()].fill(1);
     }
-    let device = lm.model.device();
-    let ids = Tensor::from_vec(ids, (batch, seq), device)?;
-    let keep = Tensor::from_vec(keep, (batch, seq), device)?;
-    let positions: Vec<usize> = prompts.iter().map(|p| p.mask_position).collect();
+    let PaddedBatch {
+        ids,
+        keep,
+        positions,
+    } = padded_batch(&lm.model, prompts)?;
     let probabilities = lm
         .model
         .probabilities_at(&ids, Some(&keep), &positions, hook)?
@@ -206,6 +199,41 @@ pub fn mask_distributions(
             probabilities,
         })
         .collect())
+}
+
+/// Prompts as one right-padded batch: token ids and the keep mask `[batch, seq]` (0 on
+/// padding), and each prompt's answer position.
+#[derive(Debug, Clone)]
+pub struct PaddedBatch {
+    /// Token ids `[batch, seq]`, 0 on padding.
+    pub ids: Tensor,
+    /// 1 on tokens, 0 on padding `[batch, seq]`.
+    pub keep: Tensor,
+    /// Each prompt's answer position.
+    pub positions: Vec<usize>,
+}
+
+/// Pads `prompts` (not empty) into one batch on the model's device, refusing one longer
+/// than the model takes (its positions, or a sliding window).
+pub fn padded_batch(model: &LanguageModel, prompts: &[EncodedPrompt]) -> Result<PaddedBatch> {
+    let seq = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
+    model
+        .config()
+        .check_prompt_tokens(seq)
+        .map_err(Error::Prompt)?;
+    let batch = prompts.len();
+    let mut ids = vec![0u32; batch * seq];
+    let mut keep = vec![0u32; batch * seq];
+    for (b, prompt) in prompts.iter().enumerate() {
+        ids[b * seq..b * seq + prompt.ids.len()].copy_from_slice(&prompt.ids);
+        keep[b * seq..b * seq + prompt.ids.len()].fill(1);
+    }
+    let device = model.device();
+    Ok(PaddedBatch {
+        ids: Tensor::from_vec(ids, (batch, seq), device)?,
+        keep: Tensor::from_vec(keep, (batch, seq), device)?,
+        positions: prompts.iter().map(|p| p.mask_position).collect(),
+    })
 }
 
 /// Options of `kn predict`.

@@ -414,15 +414,8 @@ pub fn plan_update_excluding(
                 .collect::<Result<Vec<_>>>()?;
             let own = encode_prompts(lm, &fact.prompts)?;
             let anchors = anchors.draw(&fact.id, fact.relation.as_deref(), &own, solve.anchors);
-            let (new_slots, outcome) = solve_slots(
-                &current,
-                lm.config.max_position_embeddings,
-                &slots,
-                &encoded,
-                new_id,
-                &anchors,
-                &solve,
-            )?;
+            let (new_slots, outcome) =
+                solve_slots(&current, &slots, &encoded, new_id, &anchors, &solve)?;
             for ((neuron, _), values) in slots.iter().zip(new_slots) {
                 editor.set(*neuron, values)?;
             }

@@ -36,6 +36,7 @@ use crate::attribution::NeuronsFile;
 use crate::data::stable_id_hash;
 use crate::error::{Error, Result};
 use crate::model::{ActivationCapture, EncodedPrompt, LanguageModel, LoadedModel, Neuron};
+use crate::predict::{padded_batch, PaddedBatch};
 use crate::rng::SplitMix64;
 
 /// Facts the solver must not take anchors from: the evaluation's, so that locality is
@@ -189,43 +190,12 @@ pub struct SolveOutcome {
 /// The largest step, in units of the FFN's output size: beyond it Adam's steps overshoot.
 const MAX_STEP: f64 = 0.5;
 
-/// Prompts as one right-padded batch: ids, keep mask, answer positions.
-struct Batch {
-    ids: Tensor,
-    keep: Tensor,
-    positions: Vec<usize>,
-}
-
-impl Batch {
-    fn new(prompts: &[EncodedPrompt], max_positions: usize, model: &LanguageModel) -> Result<Self> {
-        let seq = prompts.iter().map(|p| p.ids.len()).max().unwrap_or(0);
-        if seq > max_positions {
-            return Err(Error::Prompt(format!(
-                "prompt is {seq} tokens long; the model takes at most {max_positions}"
-            )));
-        }
-        let batch = prompts.len();
-        let mut ids = vec![0u32; batch * seq];
-        let mut keep = vec![0u32; batch * seq];
-        for (b, prompt) in prompts.iter().enumerate() {
-            ids[b * seq..b * seq + prompt.ids.len()].copy_from_slice(&prompt.ids);
-            keep[b * seq..b * seq + prompt.ids.len()].fill(1);
-        }
-        let device = model.device();
-        Ok(Self {
-            ids: Tensor::from_vec(ids, (batch, seq), device)?,
-            keep: Tensor::from_vec(keep, (batch, seq), device)?,
-            positions: prompts.iter().map(|p| p.mask_position).collect(),
-        })
-    }
-
-    /// Log-probabilities `[batch, vocab]` (f32) at the answer positions.
-    fn log_probabilities(&self, model: &LanguageModel) -> Result<Tensor> {
-        let logits = model
-            .logits_at(&self.ids, Some(&self.keep), &self.positions, &())?
-            .to_dtype(DType::F32)?;
-        Ok(log_softmax(&logits)?)
-    }
+/// Log-probabilities `[batch, vocab]` (f32) at the batch's answer positions.
+fn log_probabilities(model: &LanguageModel, batch: &PaddedBatch) -> Result<Tensor> {
+    let logits = model
+        .logits_at(&batch.ids, Some(&batch.keep), &batch.positions, &())?
+        .to_dtype(DType::F32)?;
+    Ok(log_softmax(&logits)?)
 }
 
 /// `log softmax` over the last dimension from differentiable ops.
@@ -256,7 +226,7 @@ impl LayerChange {
 /// prompts) and each neuron's mean |activation| at the answer positions.
 fn activation_sizes(
     model: &LanguageModel,
-    batch: &Batch,
+    batch: &PaddedBatch,
     layers: &[usize],
 ) -> Result<(Vec<f64>, Vec<Vec<f64>>)> {
     let capture = ActivationCapture::new(batch.positions.clone());
@@ -284,7 +254,6 @@ fn activation_sizes(
 /// distributions. Returns the new slots, in the order given, and what was reached.
 pub fn solve_slots(
     model: &LanguageModel,
-    max_positions: usize,
     slots: &[(Neuron, Vec<f32>)],
     prompts: &[EncodedPrompt],
     new_id: u32,
@@ -323,7 +292,7 @@ pub fn solve_slots(
         places.push((at, column));
     }
     let hidden = model.config().hidden_size;
-    let edit = Batch::new(prompts, max_positions, model)?;
+    let edit = padded_batch(model, prompts)?;
     let layer_ids: Vec<usize> = layers.iter().map(|l| l.layer).collect();
     let (output_sizes, activations) = activation_sizes(model, &edit, &layer_ids)?;
     for (at, layer) in layers.iter_mut().enumerate() {
@@ -362,10 +331,10 @@ pub fn solve_slots(
         .map(|&x| f64::from(x) * f64::from(x))
         .sum();
     let anchor = (!anchors.is_empty())
-        .then(|| Batch::new(anchors, max_positions, model))
+        .then(|| padded_batch(model, anchors))
         .transpose()?;
     let anchor_before = match &anchor {
-        Some(batch) => Some(batch.log_probabilities(model)?.detach()),
+        Some(batch) => Some(log_probabilities(model, batch)?.detach()),
         None => None,
     };
     let mut optimizer = AdamW::new(
@@ -398,13 +367,13 @@ pub fn solve_slots(
     let mut best: Option<(SolveOutcome, Vec<Tensor>)> = None;
     loop {
         let current = edited(&layers)?;
-        let log_p = edit.log_probabilities(&current)?;
+        let log_p = log_probabilities(&current, &edit)?;
         let new_log_p = log_p.narrow(1, new_id as usize, 1)?.squeeze(1)?;
         let min_log_p = new_log_p.min(0)?.to_scalar::<f32>()?;
         outcome.min_probability = f64::from(min_log_p).exp();
         let kl = match (&anchor, &anchor_before) {
             (Some(batch), Some(before)) => {
-                let after = batch.log_probabilities(&current)?;
+                let after = log_probabilities(&current, batch)?;
                 Some((before.exp()? * (before - after)?)?.sum(1)?.mean(0)?)
             }
             _ => None,
